@@ -1,0 +1,142 @@
+"""The sampled-statistics batch norm: forward and hand-written backward.
+
+Math (per channel; ``S`` the sample, pooled from groups ``k`` with weights ``w_k`` and counts ``n_k``):
+
+    mean = sum_k w_k mean_k(x_S)            var = sum_k w_k mean_k((x_S - mean)^2)
+    y = gamma * (x - mean) * invstd + beta,  invstd = (var + eps)^-1/2        (all elements)
+
+    dx_i   = gamma * invstd * dy_i                                             (all elements)
+           - gamma * invstd * (w_k / n_k) * (sum(dy) + xhat_i * sum(dy * xhat))   (i in group k only)
+    dgamma = sum(dy * xhat),   dbeta = sum(dy)
+
+The normalisation is one pass (the eval-mode batch-norm kernel, fed the sampled statistics); the
+backward's full sums come from the eval-mode batch-norm backward kernel, which also writes
+``gamma * invstd * dy``.  With ``sample_backward`` the two sums are estimated from the sample (scaled
+to the full extent) and the backward is a single scaled copy of ``dy``.  Only sampled elements get
+the statistics' term, as a small in-place scatter.
+
+>>> import torch
+>>> from fxbns.sampling import Group
+>>> x = torch.randn(4, 3, 5, 5, requires_grad=True)
+>>> y, mean, var = sampled_batch_norm(x, None, None, [Group(0, 4, 1.0, 100)], 1e-5, False)
+>>> torch.allclose(y, torch.nn.functional.batch_norm(x, None, None, training=True), atol=1e-5)
+True
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .sampling import Group, gather, scatter_add_
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _cshape(t: torch.Tensor, g: Group, ndim: int) -> torch.Tensor:
+    """Reshape a per-channel vector to broadcast against group ``g``'s gathered tensor."""
+    shape = [1] * ndim
+    shape[g.cdim % ndim] = -1
+    return t.reshape(shape)
+
+
+def sample_moments(x: torch.Tensor, groups: list[Group]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Pooled (mean, biased var) per channel in float32/float64, and the gathered samples."""
+    acc = _acc_dtype(x)
+    xs = [gather(x, g).to(acc) for g in groups]
+    mean = None
+    for g, s in zip(groups, xs):
+        m = s.sum(g.reduce_dims(s.ndim)) * (g.weight / g.count)
+        mean = m if mean is None else mean + m
+    var = None
+    for g, s in zip(groups, xs):
+        c = s - _cshape(mean, g, s.ndim)
+        v = (c * c).sum(g.reduce_dims(s.ndim)) * (g.weight / g.count)
+        var = v if var is None else var + v
+    return mean, var, xs
+
+
+class _SampledBatchNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, groups, eps, sample_backward):
+        mean, var, xs = sample_moments(x, groups)
+        p = weight.dtype if weight is not None else mean.dtype
+        y = F.batch_norm(x, mean.to(p), var.to(p), weight, bias, False, 0.0, eps)
+        invstd = torch.rsqrt(var + eps)
+        ctx.groups = groups
+        ctx.eps = eps
+        ctx.sample_backward = sample_backward
+        ctx.has_weight = weight is not None
+        ctx.has_bias = bias is not None
+        ctx.x_shape = x.shape
+        ctx.x_dtype = x.dtype
+        ctx.mark_non_differentiable(mean, var)
+        if sample_backward:
+            ctx.save_for_backward(weight, mean, var, invstd, *xs)
+        else:
+            ctx.save_for_backward(weight, mean, var, invstd, x, *xs)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar):
+        groups: list[Group] = ctx.groups
+        weight, mean, var, invstd = ctx.saved_tensors[:4]
+        C = mean.shape[0]
+        gamma = weight.to(mean.dtype) if weight is not None else torch.ones_like(mean)
+        dy = dy.contiguous(memory_format=_memory_format(dy))
+        if ctx.sample_backward:
+            xs = ctx.saved_tensors[4:]
+            g0, s0 = groups[0], xs[0]
+            dys = gather(dy, g0).to(mean.dtype)
+            xhat = (s0 - _cshape(mean, g0, s0.ndim)) * _cshape(invstd, g0, s0.ndim)
+            red = g0.reduce_dims(s0.ndim)
+            total = g0.length
+            for s in ctx.x_shape[2:]:
+                total *= s
+            scale = total / g0.count
+            sum_dy = dys.sum(red) * scale
+            sum_dyx = (dys * xhat).sum(red) * scale
+            bshape = [1, C] + [1] * (len(ctx.x_shape) - 2)
+            dx = dy * (gamma * invstd).to(dy.dtype).reshape(bshape)
+            xhats = [xhat]
+        else:
+            x = ctx.saved_tensors[4]
+            xs = ctx.saved_tensors[5:]
+            w = weight if weight is not None else torch.ones(C, dtype=mean.dtype, device=mean.device)
+            p = w.dtype
+            dx, sum_dyx, sum_dy = torch.ops.aten.native_batch_norm_backward(
+                dy, x, w, mean.to(p), var.to(p), None, None, False, ctx.eps, [True, True, True])
+            sum_dy = sum_dy.to(mean.dtype)
+            sum_dyx = sum_dyx.to(mean.dtype)
+            xhats = [(s - _cshape(mean, g, s.ndim)) * _cshape(invstd, g, s.ndim) for g, s in zip(groups, xs)]
+        gi = gamma * invstd
+        for g, xh in zip(groups, xhats):
+            nd = xh.ndim
+            corr = (_cshape(sum_dy, g, nd) + xh * _cshape(sum_dyx, g, nd)) * _cshape(gi * (-g.weight / g.count), g, nd)
+            scatter_add_(dx, g, corr)
+        dw = sum_dyx.to(weight.dtype) if (weight is not None and ctx.needs_input_grad[1]) else None
+        db = sum_dy.to(weight.dtype if weight is not None else mean.dtype) if (ctx.has_bias and ctx.needs_input_grad[2]) else None
+        return dx, dw, db, None, None, None
+
+
+def _memory_format(t: torch.Tensor) -> torch.memory_format:
+    if t.ndim == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        return torch.channels_last
+    if t.ndim == 5 and t.is_contiguous(memory_format=torch.channels_last_3d) and not t.is_contiguous():
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def sampled_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                       groups: list[Group], eps: float, sample_backward: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Normalise ``x`` with statistics from the sample ``groups``; returns ``(y, mean, biased var)``.
+
+    ``mean`` and ``var`` are detached (for the running-statistics update); gradients flow through
+    the statistics inside the op.  ``sample_backward`` needs a single group.
+    """
+    if sample_backward and len(groups) != 1:
+        raise ValueError("sample_backward needs a single sample group (it is not available with VDN mixing)")
+    return _SampledBatchNorm.apply(x, weight, bias, groups, eps, sample_backward)

@@ -1,0 +1,140 @@
+"""``SampledBatchNorm``: a BatchNorm whose training statistics come from a sample.
+
+It keeps BatchNorm's parameters and buffers under the same names (``weight``, ``bias``,
+``running_mean``, ``running_var``, ``num_batches_tracked``), so state dicts load both ways, and its
+eval mode *is* ``nn.BatchNorm``'s eval (the same code path).
+
+>>> import torch
+>>> from fxbns import FeatureSampling, SampledBatchNorm
+>>> bn = SampledBatchNorm.from_batchnorm(torch.nn.BatchNorm2d(8), FeatureSampling(patch=(4, 4)))
+>>> bn(torch.randn(4, 8, 16, 16)).shape
+torch.Size([4, 8, 16, 16])
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .estimators import BatchSampling, Exact, FeatureSampling, MicroBatch, VirtualDataset
+from .functional import sampled_batch_norm
+from .sampling import build_groups
+
+__all__ = ["SampledBatchNorm", "site_seed"]
+
+
+def site_seed(name: str, seed: int = 0) -> int:
+    """A per-layer seed derived from the layer's qualified name and a global seed."""
+    return (zlib.crc32(name.encode()) + 7919 * int(seed)) % 2147483647
+
+
+class VirtualState:
+    """Shared between the virtual-batch injector and the sites it cannot pass ``n_real`` to."""
+
+    def __init__(self) -> None:
+        self.n_real: int | None = None
+
+
+class SampledBatchNorm(_BatchNorm):
+    """BatchNorm with sampled training statistics (BS, FS, VDN or micro-batch); exact ``nn.BatchNorm`` in eval."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, *, estimator=None, micro: MicroBatch | None = None,
+                 seed: int = 0, dims: int | None = None, device=None, dtype=None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.estimator = estimator if estimator is not None else Exact()
+        self.micro = micro
+        self.seed = int(seed)
+        self.dims = dims  # 1, 2 or 3: which nn.BatchNorm{dims}d this replaces (for revert)
+        self._vstate: VirtualState | None = None
+        self.register_buffer("_fxbns_step", torch.zeros((), dtype=torch.long, device=device), persistent=False)
+
+    @classmethod
+    def from_batchnorm(cls, bn: _BatchNorm, estimator, *, micro: MicroBatch | None = None, seed: int = 0
+                       ) -> SampledBatchNorm:
+        """A sampled version of ``bn`` that *shares* its parameters and buffers (no copy)."""
+        dims = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}.get(type(bn))
+        dev = bn.running_mean.device if bn.running_mean is not None else (
+            bn.weight.device if bn.weight is not None else None)
+        new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+                  estimator=estimator, micro=micro, seed=seed, dims=dims, device="meta")
+        new.weight, new.bias = bn.weight, bn.bias
+        new.running_mean, new.running_var = bn.running_mean, bn.running_var
+        new.num_batches_tracked = bn.num_batches_tracked
+        new._fxbns_step = torch.zeros((), dtype=torch.long, device=dev)
+        new.training = bn.training
+        return new
+
+    def to_batchnorm(self) -> _BatchNorm:
+        """A plain ``nn.BatchNorm{1,2,3}d`` sharing this module's parameters and buffers."""
+        cls = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}.get(self.dims, nn.BatchNorm2d)
+        bn = cls(self.num_features, self.eps, self.momentum, self.affine, self.track_running_stats, device="meta")
+        bn.weight, bn.bias = self.weight, self.bias
+        bn.running_mean, bn.running_var = self.running_mean, self.running_var
+        bn.num_batches_tracked = self.num_batches_tracked
+        bn.training = self.training
+        return bn
+
+    def reseed(self, seed: int) -> None:
+        """Set the layer's sampling seed (the same seed and step give the same samples)."""
+        self.seed = int(seed)
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2 or input.dim() > 5:
+            raise ValueError(f"expected a 2-D to 5-D input (N, C, ...), got {input.dim()}-D")
+        if self.dims == 1 and input.dim() not in (2, 3):
+            raise ValueError(f"expected 2D or 3D input (got {input.dim()}D input)")
+        if self.dims == 2 and input.dim() != 4:
+            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+        if self.dims == 3 and input.dim() != 5:
+            raise ValueError(f"expected 5D input (got {input.dim()}D input)")
+
+    def extra_repr(self) -> str:
+        micro = f", micro(<= {self.micro.threshold}: {self.micro.estimator.describe()})" if self.micro else ""
+        return f"{super().extra_repr()}, estimator={self.estimator.describe()}{micro}"
+
+    def active_estimator(self, n_real: int):
+        """The estimator used for a batch of ``n_real`` real rows."""
+        if self.micro is not None and n_real <= self.micro.threshold:
+            return self.micro.estimator
+        return self.estimator
+
+    def forward(self, input: torch.Tensor, n_real: int | None = None) -> torch.Tensor:
+        if not self.training:
+            return super().forward(input)
+        self._check_input_dim(input)
+        N = input.shape[0]
+        if n_real is None:
+            vs = self._vstate
+            n_real = vs.n_real if (vs is not None and vs.n_real is not None) else N
+        spec = self.active_estimator(n_real)
+        if isinstance(spec, Exact) and n_real == N:
+            return super().forward(input)
+        counter = self.num_batches_tracked if self.track_running_stats else self._fxbns_step
+        groups = build_groups(spec, tuple(input.shape), n_real, N - n_real, counter, self.seed)
+        sb = bool(getattr(spec, "sample_backward", False)) and len(groups) == 1
+        y, mean, var = sampled_batch_norm(input, self.weight, self.bias, groups, self.eps, sb)
+        with torch.no_grad():
+            if self.track_running_stats:
+                self.num_batches_tracked.add_(1)
+                n = sum(g.count for g in groups)
+                unbiased = var * (n / (n - 1)) if n > 1 else var
+                rm, rv = self.running_mean, self.running_var
+                if self.momentum is None:
+                    f = 1.0 / self.num_batches_tracked.to(rm.dtype)
+                    rm.mul_(1 - f).add_(mean.to(rm.dtype) * f)
+                    rv.mul_(1 - f).add_(unbiased.to(rv.dtype) * f)
+                else:
+                    m = self.momentum
+                    rm.mul_(1 - m).add_(mean.to(rm.dtype), alpha=m)
+                    rv.mul_(1 - m).add_(unbiased.to(rv.dtype), alpha=m)
+            else:
+                self._fxbns_step.add_(1)
+        return y
+
+
+def is_sampled(spec) -> bool:
+    return isinstance(spec, (BatchSampling, FeatureSampling, VirtualDataset))

@@ -1,0 +1,197 @@
+"""Where the samples are: device-side, counter-based random draws and sample index construction.
+
+Everything here is tensor arithmetic on the input's device.  Random offsets come from a
+counter-based hash of ``(seed, step)`` (the layer's seed and its step counter, a device tensor), so:
+the same seed and step give the same sample on every device; drawing never synchronises host and
+device (no ``.item()``, no host copies); and it runs unchanged under ``torch.compile`` and on meta
+tensors.
+
+A sample is a list of :class:`Group` s.  Each group covers a block of rows ``[start, start+length)``
+(real rows or virtual rows) and says which elements of it are taken:
+
+- ``rows``: whole rows (``index_select`` along dim 0), channel dim 1;
+- ``index``: an advanced index (``None`` = whole dim), channel dim ``cdim`` of the gathered tensor;
+- neither: the whole block.
+
+>>> import torch
+>>> from fxbns.estimators import FeatureSampling
+>>> g = build_groups(FeatureSampling(patch=(2, 2)), (8, 3, 6, 6), 8, 0, torch.tensor(0), seed=1)
+>>> [tuple(gather(torch.randn(8, 3, 6, 6), x).shape) for x in g]
+[(8, 3, 2, 2)]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .estimators import BatchSampling, Exact, FeatureSampling, VirtualDataset
+
+_M = 2147483647  # 2**31 - 1
+
+
+def random_ints(step: torch.Tensor, seed: int, count: int) -> torch.Tensor:
+    """``count`` pseudo-random int64 values in ``[0, 2**31 - 1)`` from ``(seed, step)``, on ``step``'s device.
+
+    A counter-based generator (a keyed integer hash): no state, no host round trip, reproducible.
+    All intermediate values stay below 2**48, so int64 never overflows.
+    """
+    key = (seed * 69621 + 12345) % _M
+    h = (step.to(torch.int64) % _M) * 48271 % _M
+    h = (h + key) % _M
+    i = torch.arange(count, device=step.device, dtype=torch.int64)
+    h = (h + i * 40014) % _M
+    for _ in range(4):
+        h = (h * 48271 + 11) % _M
+        h = torch.bitwise_xor(h, torch.bitwise_right_shift(h, 9))
+    return h
+
+
+@dataclass
+class Group:
+    """One part of a sample: rows ``[start, start+length)`` and which of their elements are taken."""
+
+    start: int
+    length: int
+    weight: float  # weight of this group's moments in the pooled statistics (weights sum to 1)
+    count: int  # elements per channel taken
+    rows: torch.Tensor | None = None
+    index: tuple | None = None
+    cdim: int = 1
+
+    def reduce_dims(self, ndim: int) -> list[int]:
+        c = self.cdim % ndim
+        return [d for d in range(ndim) if d != c]
+
+
+def _block(x: torch.Tensor, g: Group) -> torch.Tensor:
+    if g.start == 0 and g.length == x.shape[0]:
+        return x
+    return x.narrow(0, g.start, g.length)
+
+
+def gather(x: torch.Tensor, g: Group) -> torch.Tensor:
+    """The sampled elements of ``x`` for group ``g`` (a copy, or ``x`` itself for a whole-tensor group)."""
+    b = _block(x, g)
+    if g.rows is not None:
+        return b.index_select(0, g.rows)
+    if g.index is not None:
+        return torch.ops.aten.index.Tensor(b, list(g.index))
+    return b
+
+
+def scatter_add_(dx: torch.Tensor, g: Group, values: torch.Tensor) -> None:
+    """``dx[sample of g] += values`` in place (sample positions within a group are distinct)."""
+    b = _block(dx, g)
+    values = values.to(dx.dtype)
+    if g.rows is not None:
+        b.index_add_(0, g.rows, values)
+    elif g.index is not None:
+        torch.ops.aten.index_put_(b, list(g.index), values, True)
+    else:
+        b.add_(values)
+
+
+def _bs_group(spec: BatchSampling, start: int, n: int, elems_per_row: int, step: torch.Tensor,
+              seed: int, weight: float) -> Group:
+    m = spec.sample_count(n)
+    if m >= n:
+        return Group(start, n, weight, n * elems_per_row)
+    if spec.draw == "block":
+        off = random_ints(step, seed, 1) % n
+        rows = (off + torch.arange(m, device=step.device)) % n
+    else:
+        rows = torch.argsort(random_ints(step, seed, n))[:m]
+    return Group(start, n, weight, m * elems_per_row, rows=rows)
+
+
+def _positions(layout: str, size: int, pts: int, off: torch.Tensor) -> torch.Tensor:
+    """Positions along one dim: ``off`` has shape (...,); result (..., pts)."""
+    ar = torch.arange(pts, device=off.device)
+    if layout == "patch":
+        return off.unsqueeze(-1) + ar
+    return off.unsqueeze(-1) + (size // pts) * ar
+
+
+def _offset_range(layout: str, size: int, pts: int) -> int:
+    return size - pts + 1 if layout == "patch" else size // pts
+
+
+def fs_fallback(spec: FeatureSampling) -> BatchSampling:
+    """The batch sampling FS falls back to on (N, C) inputs, which have no feature map to sample."""
+    ratio = spec.area_ratio if spec.area_ratio is not None else 0.125
+    return BatchSampling(ratio=ratio, sample_backward=spec.sample_backward)
+
+
+def _fs_group(spec: FeatureSampling, shape: tuple[int, ...], start: int, n: int, step: torch.Tensor,
+              seed: int, weight: float) -> Group:
+    spatial = tuple(shape[2:])
+    if not spatial:
+        return _bs_group(fs_fallback(spec), start, n, 1, step, seed, weight)
+    pts = spec.points(spatial)
+    count_per_row = 1
+    for p in pts:
+        count_per_row *= p
+    if pts == spatial:
+        return Group(start, n, weight, n * count_per_row)
+    k = len(spatial)
+    ranges = [_offset_range(spec.layout, s, p) for s, p in zip(spatial, pts)]
+    dev = step.device
+    if not spec.per_sample:
+        r = random_ints(step, seed, k)
+        idx: list = [None, None]
+        for d, (s, p, rg) in enumerate(zip(spatial, pts, ranges)):
+            pos = _positions(spec.layout, s, p, r[d] % rg)  # (p,)
+            view = [1] * k
+            view[d] = p
+            idx.append(pos.reshape(view))
+        return Group(start, n, weight, n * count_per_row, index=tuple(idx), cdim=1)
+    # per-sample offsets: gathered tensor is (n, p1, ..., pk, C)
+    r = random_ints(step, seed, n * k).reshape(n, k)
+    rows = torch.arange(n, device=dev).reshape([n] + [1] * (k + 1))
+    ch = torch.arange(shape[1], device=dev)
+    idx = [rows, ch]
+    for d, (s, p, rg) in enumerate(zip(spatial, pts, ranges)):
+        pos = _positions(spec.layout, s, p, r[:, d] % rg)  # (n, p)
+        view = [n] + [1] * (k + 1)
+        view[d + 1] = p
+        idx.append(pos.reshape(view))
+    return Group(start, n, weight, n * count_per_row, index=tuple(idx), cdim=-1)
+
+
+def _real_group(spec, shape, n_real, step, seed, weight) -> Group:
+    elems = 1
+    for s in shape[2:]:
+        elems *= s
+    if isinstance(spec, BatchSampling):
+        return _bs_group(spec, 0, n_real, elems, step, seed, weight)
+    if isinstance(spec, FeatureSampling):
+        return _fs_group(spec, shape, 0, n_real, step, seed, weight)
+    return Group(0, n_real, weight, n_real * elems)  # all real rows
+
+
+def build_groups(spec, shape: tuple[int, ...], n_real: int, n_virtual: int, step: torch.Tensor,
+                 seed: int) -> list[Group]:
+    """The sample for one training forward of a site with estimator ``spec`` on an input of ``shape``.
+
+    Rows ``[0, n_real)`` are real and ``[n_real, n_real + n_virtual)`` virtual.  Non-VDN estimators
+    sample the real rows only.
+    """
+    if isinstance(spec, VirtualDataset):
+        if n_virtual <= 0:
+            raise RuntimeError(
+                "a VirtualDataset (VDN) site ran without virtual rows in its input. This happens when the "
+                "virtual batch could not be injected at the model input (for example a BatchNorm inside a "
+                "module called outside the traced graph). Use a BS or FS estimator for this layer "
+                "(Policy.set_module_name(name, ...)).")
+        elems = 1
+        for s in shape[2:]:
+            elems *= s
+        vg = Group(n_real, n_virtual, float(spec.mix), n_virtual * elems)
+        if spec.mix >= 1:
+            return [vg]
+        return [_real_group(spec.real, shape, n_real, step, seed, 1.0 - float(spec.mix)), vg]
+    if isinstance(spec, (Exact, type(None))):
+        return [_real_group(None, shape, n_real, step, seed, 1.0)]
+    return [_real_group(spec, shape, n_real, step, seed, 1.0)]
