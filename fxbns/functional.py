@@ -36,10 +36,12 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _cshape(t: torch.Tensor, g: Group, ndim: int) -> torch.Tensor:
-    """Reshape a per-channel vector to broadcast against group ``g``'s gathered tensor."""
-    shape = [1] * ndim
-    shape[g.cdim % ndim] = -1
-    return t.reshape(shape)
+    """Reshape a per-channel vector to broadcast against a gathered sample (channel dim 1)."""
+    return t.reshape([1, -1] + [1] * (ndim - 2))
+
+
+def _rdims(ndim: int) -> list[int]:
+    return [0] + list(range(2, ndim))
 
 
 def sample_moments(x: torch.Tensor, groups: list[Group]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
@@ -48,12 +50,12 @@ def sample_moments(x: torch.Tensor, groups: list[Group]) -> tuple[torch.Tensor, 
     xs = [gather(x, g).to(acc) for g in groups]
     mean = None
     for g, s in zip(groups, xs):
-        m = s.sum(g.reduce_dims(s.ndim)) * (g.weight / g.count)
+        m = s.sum(_rdims(s.ndim)) * (g.weight / g.count)
         mean = m if mean is None else mean + m
     var = None
     for g, s in zip(groups, xs):
         c = s - _cshape(mean, g, s.ndim)
-        v = (c * c).sum(g.reduce_dims(s.ndim)) * (g.weight / g.count)
+        v = (c * c).sum(_rdims(s.ndim)) * (g.weight / g.count)
         var = v if var is None else var + v
     return mean, var, xs
 
@@ -91,7 +93,7 @@ class _SampledBatchNorm(torch.autograd.Function):
             g0, s0 = groups[0], xs[0]
             dys = gather(dy, g0).to(mean.dtype)
             xhat = (s0 - _cshape(mean, g0, s0.ndim)) * _cshape(invstd, g0, s0.ndim)
-            red = g0.reduce_dims(s0.ndim)
+            red = _rdims(s0.ndim)
             total = g0.length
             for s in ctx.x_shape[2:]:
                 total *= s

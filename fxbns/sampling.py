@@ -9,8 +9,8 @@ tensors.
 A sample is a list of :class:`Group` s.  Each group covers a block of rows ``[start, start+length)``
 (real rows or virtual rows) and says which elements of it are taken:
 
-- ``rows``: whole rows (``index_select`` along dim 0), channel dim 1;
-- ``index``: an advanced index (``None`` = whole dim), channel dim ``cdim`` of the gathered tensor;
+- ``rows``: whole rows (``index_select`` along dim 0);
+- ``pos``: flat positions in every feature map, shared by all rows or one set per row;
 - neither: the whole block.
 
 >>> import torch
@@ -50,19 +50,19 @@ def random_ints(step: torch.Tensor, seed: int, count: int) -> torch.Tensor:
 
 @dataclass
 class Group:
-    """One part of a sample: rows ``[start, start+length)`` and which of their elements are taken."""
+    """One part of a sample: rows ``[start, start+length)`` and which of their elements are taken.
+
+    ``rows`` (m,): whole rows; ``pos`` (P,) or (length, P): flat positions in every feature map
+    (shared by all rows, or one set per row); neither: the whole block.  Gathered samples have the
+    channel dim at 1: (m, C, ...) for rows, (length, C, P) for positions.
+    """
 
     start: int
     length: int
     weight: float  # weight of this group's moments in the pooled statistics (weights sum to 1)
     count: int  # elements per channel taken
     rows: torch.Tensor | None = None
-    index: tuple | None = None
-    cdim: int = 1
-
-    def reduce_dims(self, ndim: int) -> list[int]:
-        c = self.cdim % ndim
-        return [d for d in range(ndim) if d != c]
+    pos: torch.Tensor | None = None
 
 
 def _block(x: torch.Tensor, g: Group) -> torch.Tensor:
@@ -71,26 +71,55 @@ def _block(x: torch.Tensor, g: Group) -> torch.Tensor:
     return x.narrow(0, g.start, g.length)
 
 
+def _channels_last(t: torch.Tensor) -> bool:
+    return t.ndim >= 3 and t.stride(1) == 1 and t.shape[1] > 1 and not t.is_contiguous()
+
+
+def _flat(b: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """A *view* of block ``b`` as (n, C, S) or, for channels-last memory, (n, S, C)."""
+    n, c = b.shape[0], b.shape[1]
+    if _channels_last(b):
+        v = b.movedim(1, -1)
+        return v.view(n, -1, c), True
+    return b.view(n, c, -1), False
+
+
 def gather(x: torch.Tensor, g: Group) -> torch.Tensor:
-    """The sampled elements of ``x`` for group ``g`` (a copy, or ``x`` itself for a whole-tensor group)."""
+    """The sampled elements of ``x`` for group ``g``, channel dim 1 (``x`` itself for a whole-tensor group)."""
     b = _block(x, g)
     if g.rows is not None:
         return b.index_select(0, g.rows)
-    if g.index is not None:
-        return torch.ops.aten.index.Tensor(b, list(g.index))
-    return b
+    if g.pos is None:
+        return b
+    v, cl = _flat(b)
+    sdim = 1 if cl else 2  # the flat spatial dim of the view
+    if g.pos.ndim == 1:
+        out = v.index_select(sdim, g.pos)
+    else:
+        idx = g.pos.unsqueeze(2).expand(-1, -1, v.shape[2]) if cl else g.pos.unsqueeze(1).expand(-1, v.shape[1], -1)
+        out = torch.gather(v, sdim, idx)
+    return out.transpose(1, 2) if cl else out
 
 
 def scatter_add_(dx: torch.Tensor, g: Group, values: torch.Tensor) -> None:
-    """``dx[sample of g] += values`` in place (sample positions within a group are distinct)."""
+    """``dx[sample of g] += values`` in place; ``values`` laid out as :func:`gather` returns them."""
     b = _block(dx, g)
     values = values.to(dx.dtype)
     if g.rows is not None:
         b.index_add_(0, g.rows, values)
-    elif g.index is not None:
-        torch.ops.aten.index_put_(b, list(g.index), values, True)
-    else:
+        return
+    if g.pos is None:
         b.add_(values)
+        return
+    v, cl = _flat(b)
+    if cl:
+        values = values.transpose(1, 2)
+    if g.pos.ndim == 1:
+        v.index_add_(1 if cl else 2, g.pos, values)
+    elif cl:
+        v.scatter_add_(1, g.pos.unsqueeze(2).expand(-1, -1, v.shape[2]), values)
+    else:
+        v.scatter_add_(2, g.pos.unsqueeze(1).expand(-1, v.shape[1], -1), values)
 
 
 def _bs_group(spec: BatchSampling, start: int, n: int, elems_per_row: int, step: torch.Tensor,
@@ -137,27 +166,19 @@ def _fs_group(spec: FeatureSampling, shape: tuple[int, ...], start: int, n: int,
         return Group(start, n, weight, n * count_per_row)
     k = len(spatial)
     ranges = [_offset_range(spec.layout, s, p) for s, p in zip(spatial, pts)]
-    dev = step.device
-    if not spec.per_sample:
-        r = random_ints(step, seed, k)
-        idx: list = [None, None]
-        for d, (s, p, rg) in enumerate(zip(spatial, pts, ranges)):
-            pos = _positions(spec.layout, s, p, r[d] % rg)  # (p,)
-            view = [1] * k
-            view[d] = p
-            idx.append(pos.reshape(view))
-        return Group(start, n, weight, n * count_per_row, index=tuple(idx), cdim=1)
-    # per-sample offsets: gathered tensor is (n, p1, ..., pk, C)
-    r = random_ints(step, seed, n * k).reshape(n, k)
-    rows = torch.arange(n, device=dev).reshape([n] + [1] * (k + 1))
-    ch = torch.arange(shape[1], device=dev)
-    idx = [rows, ch]
-    for d, (s, p, rg) in enumerate(zip(spatial, pts, ranges)):
-        pos = _positions(spec.layout, s, p, r[:, d] % rg)  # (n, p)
-        view = [n] + [1] * (k + 1)
-        view[d + 1] = p
-        idx.append(pos.reshape(view))
-    return Group(start, n, weight, n * count_per_row, index=tuple(idx), cdim=-1)
+    rows = n if spec.per_sample else 1
+    r = random_ints(step, seed, rows * k).reshape(rows, k)
+    flat = None
+    stride = 1
+    for d in reversed(range(k)):  # flat position = sum_d pos_d * stride_d, row-major
+        pos = _positions(spec.layout, spatial[d], pts[d], r[:, d] % ranges[d])  # (rows, p_d)
+        shape_d = [rows] + [1] * k
+        shape_d[d + 1] = pts[d]
+        term = pos.reshape(shape_d) * stride
+        flat = term if flat is None else flat + term
+        stride *= spatial[d]
+    flat = flat.reshape(rows, count_per_row)
+    return Group(start, n, weight, n * count_per_row, pos=flat if spec.per_sample else flat[0])
 
 
 def _real_group(spec, shape, n_real, step, seed, weight) -> Group:
