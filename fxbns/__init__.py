@@ -5,9 +5,12 @@ Statistics Estimation", IEEE TNNLS 2020 (arXiv 1810.10962).
 """
 
 from ._version import __version__
+from .api import TransformInfo, explain, load, report, revert, save, transform
 from .estimators import BatchSampling, Exact, FeatureSampling, MicroBatch, VirtualDataset
 from .functional import sampled_batch_norm
 from .modules import SampledBatchNorm
+from .policy import PRESETS, Policy
+from .report import Report
 
 __all__ = [
     "__version__",
@@ -17,5 +20,15 @@ __all__ = [
     "VirtualDataset",
     "MicroBatch",
     "SampledBatchNorm",
+    "Policy",
+    "PRESETS",
+    "Report",
+    "TransformInfo",
+    "transform",
+    "explain",
+    "report",
+    "revert",
+    "save",
+    "load",
     "sampled_batch_norm",
 ]

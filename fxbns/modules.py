@@ -16,6 +16,7 @@ from __future__ import annotations
 import zlib
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -113,27 +114,72 @@ class SampledBatchNorm(_BatchNorm):
         spec = self.active_estimator(n_real)
         if isinstance(spec, Exact) and n_real == N:
             return super().forward(input)
-        counter = self.num_batches_tracked if self.track_running_stats else self._fxbns_step
-        groups = build_groups(spec, tuple(input.shape), n_real, N - n_real, counter, self.seed)
-        sb = bool(getattr(spec, "sample_backward", False)) and len(groups) == 1
-        y, mean, var = sampled_batch_norm(input, self.weight, self.bias, groups, self.eps, sb)
-        with torch.no_grad():
-            if self.track_running_stats:
-                self.num_batches_tracked.add_(1)
-                n = sum(g.count for g in groups)
-                unbiased = var * (n / (n - 1)) if n > 1 else var
-                rm, rv = self.running_mean, self.running_var
-                if self.momentum is None:
-                    f = 1.0 / self.num_batches_tracked.to(rm.dtype)
-                    rm.mul_(1 - f).add_(mean.to(rm.dtype) * f)
-                    rv.mul_(1 - f).add_(unbiased.to(rv.dtype) * f)
-                else:
-                    m = self.momentum
-                    rm.mul_(1 - m).add_(mean.to(rm.dtype), alpha=m)
-                    rv.mul_(1 - m).add_(unbiased.to(rv.dtype), alpha=m)
+        return train_forward(input, n_real, spec, self.weight, self.bias, self.running_mean, self.running_var,
+                             self.num_batches_tracked if self.track_running_stats else None, self._fxbns_step,
+                             self.momentum, self.eps, self.seed)
+
+
+class FunctionalBatchNorm(nn.Module):
+    """Stands in for an ``F.batch_norm(x, running_mean, running_var, weight, bias, ...)`` call in a graph.
+
+    Holds no parameters (they stay where the user's code keeps them); eval mode is that same call.
+    """
+
+    def __init__(self, momentum: float, eps: float, estimator=None, micro: MicroBatch | None = None,
+                 seed: int = 0) -> None:
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.estimator = estimator if estimator is not None else Exact()
+        self.micro = micro
+        self.seed = int(seed)
+        self._vstate: VirtualState | None = None
+        self.register_buffer("_fxbns_step", torch.zeros((), dtype=torch.long), persistent=False)
+
+    def extra_repr(self) -> str:
+        return f"estimator={self.estimator.describe()}"
+
+    active_estimator = SampledBatchNorm.active_estimator
+
+    def forward(self, input, running_mean=None, running_var=None, weight=None, bias=None, n_real=None):
+        if not self.training or (running_mean is None and isinstance(self.estimator, Exact) and self.micro is None):
+            use_batch = self.training or running_mean is None
+            return F.batch_norm(input, running_mean, running_var, weight, bias, use_batch, self.momentum, self.eps)
+        N = input.shape[0]
+        if n_real is None:
+            vs = self._vstate
+            n_real = vs.n_real if (vs is not None and vs.n_real is not None) else N
+        spec = self.active_estimator(n_real)
+        if isinstance(spec, Exact) and n_real == N:
+            return F.batch_norm(input, running_mean, running_var, weight, bias, True, self.momentum, self.eps)
+        return train_forward(input, n_real, spec, weight, bias, running_mean, running_var, None, self._fxbns_step,
+                             self.momentum, self.eps, self.seed)
+
+
+def train_forward(input, n_real, spec, weight, bias, running_mean, running_var, num_batches_tracked, step,
+                  momentum, eps, seed):
+    """One training forward with sampled statistics, updating the running statistics in place."""
+    N = input.shape[0]
+    counter = num_batches_tracked if num_batches_tracked is not None else step
+    groups = build_groups(spec, tuple(input.shape), n_real, N - n_real, counter, seed)
+    sb = bool(getattr(spec, "sample_backward", False)) and len(groups) == 1
+    y, mean, var = sampled_batch_norm(input, weight, bias, groups, eps, sb)
+    with torch.no_grad():
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        else:
+            step.add_(1)
+        if running_mean is not None:
+            n = sum(g.count for g in groups)
+            unbiased = var * (n / (n - 1)) if n > 1 else var
+            rm, rv = running_mean, running_var
+            if momentum is None:
+                f = 1.0 / num_batches_tracked.to(rm.dtype)
+                rm.mul_(1 - f).add_(mean.to(rm.dtype) * f)
+                rv.mul_(1 - f).add_(unbiased.to(rv.dtype) * f)
             else:
-                self._fxbns_step.add_(1)
-        return y
+                rm.mul_(1 - momentum).add_(mean.to(rm.dtype), alpha=momentum)
+                rv.mul_(1 - momentum).add_(unbiased.to(rv.dtype), alpha=momentum)
+    return y
 
 
 def is_sampled(spec) -> bool:

@@ -1,0 +1,319 @@
+"""Per-layer policy: which estimator each BatchNorm site uses (modelled on ``QConfigMapping``).
+
+Priority, lowest to highest: default < Conv->BN pairs < module type < module-name regex (ordered,
+first match wins) < exact module name < callable.  ``None`` or ``Exact()`` leaves a site as BatchNorm.
+
+>>> import torch
+>>> from fxbns import BatchSampling, Exact, Policy
+>>> p = Policy.from_preset("fs").set_module_name_regex(r"layer4\\..*", BatchSampling()).set_module_name("bn1", None)
+>>> p.spec_for("layer4.0.bn1", torch.nn.BatchNorm2d(4), producer="conv").kind
+'bs'
+>>> p.spec_for("bn1", torch.nn.BatchNorm2d(4), producer="conv") is None
+True
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from .estimators import (
+    BatchSampling,
+    Exact,
+    FeatureSampling,
+    MicroBatch,
+    VirtualDataset,
+    spec_from_dict,
+    spec_to_dict,
+)
+
+__all__ = ["Policy", "PRESETS", "resolve_policy"]
+
+_FS_DEFAULT = FeatureSampling(area_ratio=1 / 16, layout="grid", per_sample=True)
+
+#: Preset name -> (description, factory).  The numbers are the ones documented in the README.
+PRESETS: dict[str, tuple[str, Callable[[], Policy]]] = {}
+
+
+def _preset(name: str, doc: str):
+    def deco(fn):
+        PRESETS[name] = (doc, fn)
+        return fn
+    return deco
+
+
+_TYPE_NAMES = {
+    "BatchNorm1d": nn.BatchNorm1d,
+    "BatchNorm2d": nn.BatchNorm2d,
+    "BatchNorm3d": nn.BatchNorm3d,
+}
+
+
+class Policy:
+    """Per-layer estimator choice.  Setters return ``self`` so they chain."""
+
+    def __init__(self, default: Any = _FS_DEFAULT, *, micro: MicroBatch | None = None, seed: int = 0,
+                 input_name: str | None = None) -> None:
+        self.default = default
+        self.conv_bn: Any = _UNSET
+        self.object_types: list[tuple[type, Any]] = []
+        self.name_regexes: list[tuple[str, Any]] = []
+        self.names: dict[str, Any] = {}
+        self.fn: Callable[[str, nn.Module, Any], Any] | None = None
+        self.micro = micro
+        self.seed = int(seed)
+        self.input_name = input_name
+        self.preset: str | None = None
+
+    # -- setters ---------------------------------------------------------------------------------
+    def set_global(self, spec: Any) -> Policy:
+        self.default = spec
+        return self
+
+    def set_conv_bn(self, spec: Any) -> Policy:
+        """Estimator for BatchNorms fed by a Conv with no other user (Conv->BN pairs)."""
+        self.conv_bn = spec
+        return self
+
+    def set_object_type(self, cls: type, spec: Any) -> Policy:
+        """Estimator for BatchNorm modules of type ``cls`` (e.g. ``nn.BatchNorm1d``)."""
+        if not isinstance(cls, type):
+            raise TypeError(f"set_object_type takes a class such as nn.BatchNorm2d; got {cls!r}")
+        self.object_types = [(c, s) for c, s in self.object_types if c is not cls] + [(cls, spec)]
+        return self
+
+    def set_module_name_regex(self, pattern: str, spec: Any) -> Policy:
+        """Estimator for sites whose qualified name fully matches ``pattern`` (first match wins)."""
+        re.compile(pattern)
+        self.name_regexes.append((pattern, spec))
+        return self
+
+    def set_module_name(self, name: str, spec: Any) -> Policy:
+        """Estimator for the site with qualified name ``name`` (e.g. ``"layer1.0.bn1"``)."""
+        self.names[name] = spec
+        return self
+
+    def set_callable(self, fn: Callable[[str, nn.Module, Any], Any] | None) -> Policy:
+        """``fn(qualname, module, site) -> spec``; returning ``...`` (Ellipsis) defers to the other rules."""
+        self.fn = fn
+        return self
+
+    def set_micro_batch(self, micro: MicroBatch | None) -> Policy:
+        """Micro-batch regime: at runtime batch <= ``micro.threshold`` every site uses ``micro.estimator``."""
+        if micro is not None and not isinstance(micro, MicroBatch):
+            raise TypeError(f"set_micro_batch takes a MicroBatch or None; got {micro!r}")
+        self.micro = micro
+        return self
+
+    def set_seed(self, seed: int) -> Policy:
+        self.seed = int(seed)
+        return self
+
+    def set_input(self, name: str | None) -> Policy:
+        """Name of the graph input the virtual batch is concatenated to (default: the first input)."""
+        self.input_name = name
+        return self
+
+    # -- resolution ------------------------------------------------------------------------------
+    def spec_for(self, qualname: str, module: nn.Module | None, producer: str = "other", site: Any = None) -> Any:
+        """The estimator for one site; ``None`` means leave it exact."""
+        spec = self.default
+        if producer == "conv" and self.conv_bn is not _UNSET:
+            spec = self.conv_bn
+        if module is not None:
+            for cls, s in self.object_types:
+                if type(module) is cls:
+                    spec = s
+                    break
+            else:
+                for cls, s in self.object_types:
+                    if isinstance(module, cls):
+                        spec = s
+                        break
+        for pattern, s in self.name_regexes:
+            if re.fullmatch(pattern, qualname):
+                spec = s
+                break
+        if qualname in self.names:
+            spec = self.names[qualname]
+        if self.fn is not None:
+            out = self.fn(qualname, module, site)
+            if out is not ...:
+                spec = out
+        return None if isinstance(spec, Exact) else spec
+
+    def validate_names(self, site_names: list[str], module_names: list[str]) -> None:
+        """Raise ``ValueError`` for a ``set_module_name`` naming no BatchNorm site of the model."""
+        known = set(site_names)
+        for name in self.names:
+            if name not in known:
+                close = difflib.get_close_matches(name, site_names, n=5, cutoff=0.4)
+                where = "is not a BatchNorm in this model" if name in set(module_names) else "is not in the model"
+                hint = f"; closest BatchNorm names: {', '.join(close)}" if close else \
+                    f"; its BatchNorms are e.g. {', '.join(site_names[:5])}"
+                raise ValueError(f"policy names module {name!r}, which {where}{hint}")
+
+    def uses_virtual(self) -> bool:
+        specs = [self.default, self.conv_bn] + [s for _, s in self.object_types] + \
+            [s for _, s in self.name_regexes] + list(self.names.values())
+        return self.micro is not None or any(isinstance(s, VirtualDataset) for s in specs)
+
+    # -- persistence -----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON/YAML-able dict (a callable, if set, cannot be saved and is reported as such)."""
+        if self.fn is not None:
+            raise ValueError("a Policy with a callable (set_callable) cannot be saved as a dict; "
+                             "express it with set_module_name / set_module_name_regex instead")
+        d: dict[str, Any] = {"default": spec_to_dict(self.default)}
+        if self.conv_bn is not _UNSET:
+            d["conv_bn"] = spec_to_dict(self.conv_bn)
+        if self.object_types:
+            d["object_type"] = [[c.__name__, spec_to_dict(s)] for c, s in self.object_types]
+        if self.name_regexes:
+            d["module_name_regex"] = [[p, spec_to_dict(s)] for p, s in self.name_regexes]
+        if self.names:
+            d["module_name"] = {k: spec_to_dict(v) for k, v in self.names.items()}
+        if self.micro is not None:
+            d["micro_batch"] = spec_to_dict(self.micro)
+        d["seed"] = self.seed
+        if self.input_name is not None:
+            d["input"] = self.input_name
+        if self.preset is not None:
+            d["preset"] = self.preset
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Policy:
+        if not isinstance(d, dict):
+            raise ValueError(f"a policy must be a mapping; got {type(d).__name__}")
+        known = {"default", "conv_bn", "object_type", "module_name_regex", "module_name", "micro_batch", "seed",
+                 "input", "preset"}
+        extra = set(d) - known
+        if extra:
+            raise ValueError(f"unknown policy keys {sorted(extra)}; allowed: {sorted(known)}")
+        p = cls(spec_from_dict(d.get("default")) if "default" in d else _FS_DEFAULT, seed=int(d.get("seed", 0)),
+                input_name=d.get("input"))
+        if "conv_bn" in d:
+            p.set_conv_bn(spec_from_dict(d["conv_bn"]))
+        for name, s in d.get("object_type", []):
+            if name not in _TYPE_NAMES:
+                raise ValueError(f"unknown object_type {name!r}; use one of {sorted(_TYPE_NAMES)}")
+            p.set_object_type(_TYPE_NAMES[name], spec_from_dict(s))
+        for pattern, s in d.get("module_name_regex", []):
+            p.set_module_name_regex(pattern, spec_from_dict(s))
+        for name, s in d.get("module_name", {}).items():
+            p.set_module_name(name, spec_from_dict(s))
+        if d.get("micro_batch") is not None:
+            p.set_micro_batch(spec_from_dict(d["micro_batch"]))
+        p.preset = d.get("preset")
+        return p
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the policy as JSON (``.json``) or YAML (``.yaml``/``.yml``)."""
+        from ._io import atomic_write_text
+        path = os.fspath(path)
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+            text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        else:
+            text = json.dumps(self.to_dict(), indent=2) + "\n"
+        atomic_write_text(path, text)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Policy:
+        """Read a JSON or YAML policy file."""
+        path = os.fspath(path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise ValueError(f"cannot read policy file {path!r}: {e.strerror}") from None
+        try:
+            if path.endswith((".yaml", ".yml")):
+                import yaml
+                data = yaml.safe_load(text)
+            else:
+                data = json.loads(text)
+        except Exception as e:  # noqa: BLE001 - any parse error is reported the same way
+            raise ValueError(f"policy file {path!r} is not valid {'YAML' if path.endswith(('yaml', 'yml')) else 'JSON'}: "
+                             f"{e}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_preset(cls, name: str) -> Policy:
+        """One of the presets: ``exact``, ``bs``, ``fs``, ``vdn``, ``micro`` (see :data:`PRESETS`)."""
+        if name not in PRESETS:
+            close = difflib.get_close_matches(name, list(PRESETS), n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ValueError(f"unknown preset {name!r}{hint}; presets: {', '.join(PRESETS)}")
+        p = PRESETS[name][1]()
+        p.preset = name
+        return p
+
+    def __repr__(self) -> str:
+        try:
+            return f"Policy({self.to_dict()})"
+        except ValueError:
+            return f"Policy(default={self.default!r}, callable={self.fn!r})"
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "<unset>"
+
+
+_UNSET: Any = _Unset()
+
+
+@_preset("exact", "plain BatchNorm everywhere (the identity rewrite)")
+def _exact() -> Policy:
+    return Policy(Exact())
+
+
+@_preset("bs", "Batch Sampling: statistics from 1/8 of the batch (at least 2 samples), a contiguous block")
+def _bs() -> Policy:
+    return Policy(BatchSampling(ratio=0.125, min_samples=2))
+
+
+@_preset("fs", "Feature Sampling: 1/16 of every feature map on a strided grid, a random offset per sample")
+def _fs() -> Policy:
+    return Policy(_FS_DEFAULT)
+
+
+@_preset("vdn", "Virtual Dataset Normalization: 4 virtual samples pooled 1:1 with a 1/16 FS sample of the real rows")
+def _vdn() -> Policy:
+    return Policy(VirtualDataset(num_samples=4, mix=0.5, real=_FS_DEFAULT))
+
+
+@_preset("micro", "fs, and at batch <= 4 every site pools all real rows 1:1 with 4 virtual samples")
+def _micro() -> Policy:
+    return Policy(_FS_DEFAULT, micro=MicroBatch(threshold=4))
+
+
+def resolve_policy(policy: Any) -> Policy:
+    """Accept a Policy, a preset name, a JSON/YAML file path, a dict, a spec or ``None`` (exact)."""
+    if isinstance(policy, Policy):
+        return policy
+    if policy is None:
+        return Policy(Exact())
+    if isinstance(policy, (Exact, BatchSampling, FeatureSampling, VirtualDataset)):
+        return Policy(policy)
+    if isinstance(policy, dict):
+        return Policy.from_dict(policy)
+    if isinstance(policy, (str, os.PathLike)):
+        s = os.fspath(policy)
+        if s in PRESETS:
+            return Policy.from_preset(s)
+        if s.endswith((".json", ".yaml", ".yml")) or os.sep in s or os.path.exists(s):
+            if not os.path.exists(s):
+                raise ValueError(f"policy file {s!r} does not exist")
+            return Policy.load(s)
+        return Policy.from_preset(s)  # raises the unknown-preset error with suggestions
+    raise TypeError(f"policy must be a Policy, a preset name ({', '.join(PRESETS)}), a file path, a dict or a "
+                    f"spec; got {type(policy).__name__}")
