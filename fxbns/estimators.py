@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Union
+from typing import Any
 
 __all__ = [
     "Exact",
@@ -136,7 +136,7 @@ class FeatureSampling:
         return f"fs({self.layout}, {size}{ps}{sb})"
 
 
-Real = Union[BatchSampling, FeatureSampling, None]
+Real = BatchSampling | FeatureSampling | None
 
 
 @dataclass(frozen=True)
@@ -191,7 +191,7 @@ class MicroBatch:
                self.estimator)
 
 
-Spec = Union[Exact, BatchSampling, FeatureSampling, VirtualDataset]
+Spec = Exact | BatchSampling | FeatureSampling | VirtualDataset
 _KINDS: dict[str, type] = {"exact": Exact, "bs": BatchSampling, "fs": FeatureSampling, "vdn": VirtualDataset,
                            "micro": MicroBatch}
 

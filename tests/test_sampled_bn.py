@@ -1,0 +1,333 @@
+"""The sampled-statistics BatchNorm against nn.BatchNorm: the design card's equivalence bounds."""
+
+import copy
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from fxbns import BatchSampling, Exact, FeatureSampling, MicroBatch, SampledBatchNorm, VirtualDataset
+from fxbns.functional import sampled_batch_norm
+from fxbns.sampling import Group, build_groups, gather
+
+BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+
+
+@st.composite
+def bn_case(draw):
+    dims = draw(st.sampled_from([1, 2, 3]))
+    rank = {1: draw(st.sampled_from([2, 3])), 2: 4, 3: 5}[dims]
+    n = draw(st.integers(2, 6))
+    c = draw(st.integers(1, 5))
+    spatial = [draw(st.integers(1, 6)) for _ in range(rank - 2)]
+    if rank == 5:
+        spatial = [min(s, 4) for s in spatial]
+    if n * math.prod(spatial) < 2:
+        n = 2
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    momentum = draw(st.sampled_from([0.1, 0.3, None]))
+    affine = draw(st.booleans())
+    track = draw(st.booleans())
+    cl = rank in (4, 5) and draw(st.booleans())
+    sb = draw(st.booleans())
+    return dims, (n, c, *spatial), dtype, momentum, affine, track, cl, sb
+
+
+def _pair(dims, c, dtype, momentum, affine, track, spec):
+    bn = BN[dims](c, momentum=momentum, affine=affine, track_running_stats=track).to(dtype)
+    if affine:
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_()
+    if track:
+        with torch.no_grad():
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2)
+    return bn, SampledBatchNorm.from_batchnorm(copy.deepcopy(bn), spec)
+
+
+def _full_specs(shape, sb):
+    specs = [BatchSampling(ratio=1.0, sample_backward=sb), FeatureSampling(area_ratio=1.0, sample_backward=sb)]
+    if len(shape) > 2:
+        specs.append(FeatureSampling(patch=tuple(shape[2:]), layout="grid", per_sample=True, sample_backward=sb))
+    return specs
+
+
+@given(bn_case())
+def test_full_sample_equals_batchnorm_in_training(case):
+    """Property 1: ratio 1 / whole-map patch gives BatchNorm's forward, gradients and running stats."""
+    dims, shape, dtype, momentum, affine, track, cl, sb = case
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    for spec in _full_specs(shape, sb):
+        bn, sbn = _pair(dims, shape[1], dtype, momentum, affine, track, spec)
+        x = torch.randn(shape, dtype=dtype) * 3 + 1
+        if cl:
+            x = x.to(memory_format=torch.channels_last if x.ndim == 4 else torch.channels_last_3d)
+        gy = torch.randn(shape, dtype=dtype)
+        for _ in range(2):  # two steps: running stats and the cumulative-average momentum
+            xa = x.clone().requires_grad_()
+            xb = x.clone().requires_grad_()
+            ya, yb = bn(xa), sbn(xb)
+            ya.backward(gy)
+            yb.backward(gy)
+            torch.testing.assert_close(yb, ya, atol=tol, rtol=tol)
+            torch.testing.assert_close(xb.grad, xa.grad, atol=tol, rtol=tol)
+        if affine:
+            torch.testing.assert_close(sbn.weight.grad, bn.weight.grad, atol=tol * 10, rtol=tol)
+            torch.testing.assert_close(sbn.bias.grad, bn.bias.grad, atol=tol * 10, rtol=tol)
+        if track:
+            torch.testing.assert_close(sbn.running_mean, bn.running_mean, atol=tol, rtol=tol)
+            torch.testing.assert_close(sbn.running_var, bn.running_var, atol=tol, rtol=tol)
+            assert int(sbn.num_batches_tracked) == int(bn.num_batches_tracked) == 2
+
+
+SPECS = [BatchSampling(ratio=0.25), BatchSampling(ratio=0.5, draw="random", sample_backward=True),
+         FeatureSampling(patch=(2, 2)), FeatureSampling(area_ratio=0.25, layout="grid", per_sample=True),
+         FeatureSampling(area_ratio=0.3, layout="grid", sample_backward=True)]
+
+
+@given(bn_case(), st.sampled_from(SPECS))
+def test_eval_is_batchnorm_eval(case, spec):
+    """Property 2: in eval every estimator is nn.BatchNorm's eval, bit for bit, after training steps."""
+    dims, shape, dtype, momentum, affine, track, cl, _ = case
+    if isinstance(spec, FeatureSampling) and spec.patch is not None and len(shape) != 4:
+        spec = FeatureSampling(area_ratio=0.25)
+    bn, sbn = _pair(dims, shape[1], dtype, momentum, affine, track, spec)
+    for _ in range(3):
+        sbn(torch.randn(shape, dtype=dtype))
+    bn.load_state_dict(sbn.state_dict())
+    bn.eval()
+    sbn.eval()
+    x = torch.randn(shape, dtype=dtype)
+    assert torch.equal(sbn(x), bn(x))
+
+
+@pytest.mark.parametrize("spec", [
+    BatchSampling(ratio=0.25), BatchSampling(ratio=0.25, draw="random"),
+    FeatureSampling(patch=(4, 4)), FeatureSampling(patch=(4, 4), per_sample=True),
+    FeatureSampling(area_ratio=1 / 16, layout="grid"), FeatureSampling(area_ratio=1 / 16, layout="grid", per_sample=True),
+])
+def test_iid_estimates_within_sampling_bound(spec):
+    """Property 3: on iid data, |mean_hat - mean| <= 6 sigma sqrt(1/n - 1/N), and the matching variance bound."""
+    torch.manual_seed(1)
+    shape = (16, 8, 16, 16)
+    loc = torch.randn(8).view(1, 8, 1, 1) * 5
+    scale = torch.rand(8).view(1, 8, 1, 1) * 3 + 0.1
+    x = torch.randn(shape) * scale + loc
+    full_mean = x.mean((0, 2, 3))
+    full_var = x.var((0, 2, 3), unbiased=False)
+    total = shape[0] * shape[2] * shape[3]
+    for step in range(20):
+        groups = build_groups(spec, shape, 16, 0, torch.tensor(step), seed=3)
+        _, mean, var = sampled_batch_norm(x, None, None, groups, 1e-5)
+        n = groups[0].count
+        fpc = math.sqrt(max(1 / n - 1 / total, 0))
+        sigma = full_var.sqrt()
+        assert ((mean - full_mean).abs() <= 6 * sigma * fpc + 1e-6).all()
+        # sd of the sample variance of normal data: sigma^2 sqrt(2/(n-1)), finite-population corrected
+        assert ((var - full_var).abs() <= 6 * full_var * math.sqrt(2) * fpc * math.sqrt(n / (n - 1)) + 1e-6).all()
+
+
+def _conv_features(seed=0):
+    from fxbns.datasets import photo_crops
+
+    torch.manual_seed(seed)
+    x = photo_crops(size=32, count=32, seed=seed)
+    conv = nn.Conv2d(3, 16, 3, padding=1)
+    with torch.no_grad():
+        return torch.relu(conv(x))
+
+
+def _rel_mean_error(feat, spec, steps=30):
+    full = feat.mean((0, 2, 3))
+    sigma = feat.std((0, 2, 3))
+    errs = []
+    for step in range(steps):
+        groups = build_groups(spec, tuple(feat.shape), feat.shape[0], 0, torch.tensor(step), seed=11)
+        _, mean, _ = sampled_batch_norm(feat, None, None, groups, 1e-5)
+        errs.append(((mean - full).abs() / sigma).mean())
+    return float(torch.stack(errs).mean())
+
+
+def test_real_images_grid_per_sample_beats_shared_patch():
+    """Property 3, real data: at equal n (16 points per sample), per-sample grid < per-sample patch < shared patch,
+    and feature sampling is far better than whole samples (BS 2 of 32)."""
+    feat = _conv_features()
+    e_patch = _rel_mean_error(feat, FeatureSampling(patch=(4, 4)))
+    e_patch_ps = _rel_mean_error(feat, FeatureSampling(patch=(4, 4), per_sample=True))
+    e_grid_ps = _rel_mean_error(feat, FeatureSampling(patch=(4, 4), layout="grid", per_sample=True))
+    e_bs = _rel_mean_error(feat, BatchSampling(ratio=2 / 32))
+    assert e_grid_ps < e_patch_ps < e_patch
+    assert e_grid_ps < 0.06  # the issue measured 0.031 (below the iid figure 0.044)
+    assert e_bs > 3 * e_patch
+
+
+@pytest.mark.parametrize("spec", SPECS + [VirtualDataset(num_samples=2), VirtualDataset(num_samples=2, mix=0.4),
+                                          VirtualDataset(num_samples=2, mix=0.5, real=FeatureSampling(patch=(2, 3)))])
+def test_gradcheck_with_fixed_sample(spec):
+    """Property 4: the hand-written backward matches finite differences (float64, the sample fixed)."""
+    n_real, n_virtual = 4, (2 if isinstance(spec, VirtualDataset) else 0)
+    shape = (n_real + n_virtual, 3, 5, 6)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    groups = build_groups(spec, shape, n_real, n_virtual, torch.tensor(5), seed=2)
+    sb = bool(getattr(spec, "sample_backward", False))
+
+    def f(x, w, b):
+        return sampled_batch_norm(x, w, b, groups, 1e-5, sb)[0]
+
+    if sb:
+        # sample_backward is an *estimate* of the gradient: check it against the exact one in expectation
+        # instead (below); here check that with a full sample it is exact
+        groups = [Group(0, n_real, 1.0, n_real * 30)]
+    assert torch.autograd.gradcheck(f, (x, w, b))
+
+
+def test_sample_backward_is_unbiased():
+    """sample_backward: averaged over many draws, d-gamma and d-beta approach the exact sums."""
+    torch.manual_seed(0)
+    shape = (8, 4, 8, 8)
+    x = torch.randn(shape) * 2 + 1
+    dy = torch.randn(shape) + 0.5
+    exact_db = dy.sum((0, 2, 3))
+    spec = FeatureSampling(area_ratio=0.25, layout="grid", per_sample=True, sample_backward=True)
+    dbs = []
+    for step in range(400):
+        w = torch.ones(4, requires_grad=True)
+        b = torch.zeros(4, requires_grad=True)
+        groups = build_groups(spec, shape, 8, 0, torch.tensor(step), seed=1)
+        y, _, _ = sampled_batch_norm(x, w, b, groups, 1e-5, True)
+        y.backward(dy)
+        dbs.append(b.grad)
+    est = torch.stack(dbs).mean(0)
+    spread = torch.stack(dbs).std(0) / math.sqrt(len(dbs))
+    assert ((est - exact_db).abs() <= 5 * spread + 1e-4).all()
+
+
+def test_only_sampled_elements_get_the_statistics_term():
+    shape = (6, 2, 8, 8)
+    x = torch.randn(shape, requires_grad=True)
+    spec = FeatureSampling(patch=(2, 2), per_sample=True)
+    groups = build_groups(spec, shape, 6, 0, torch.tensor(0), seed=0)
+    w = torch.full((2,), 2.0)
+    y, _, var = sampled_batch_norm(x, w, None, groups, 1e-5)
+    gy = torch.randn(shape)
+    y.backward(gy)
+    direct = gy * (w / (var + 1e-5).sqrt()).view(1, 2, 1, 1)
+    touched = (x.grad - direct).abs() > 1e-6
+    mask = torch.zeros(shape)
+    mask_flat = mask.view(6, 2, 64)
+    mask_flat.scatter_(2, groups[0].pos.unsqueeze(1).expand(-1, 2, -1), 1.0)
+    assert not touched[mask == 0].any()
+    assert touched[mask == 1].float().mean() > 0.9
+
+
+def test_running_stats_converge_to_population():
+    """Property 5: repeated batches from one distribution drive the running stats to the population's."""
+    torch.manual_seed(0)
+    loc = torch.tensor([1.0, -2.0, 0.5])
+    scale = torch.tensor([0.5, 2.0, 1.0])
+    for spec in [BatchSampling(ratio=0.25), FeatureSampling(area_ratio=1 / 16, layout="grid", per_sample=True),
+                 FeatureSampling(patch=(3, 3))]:
+        sbn = SampledBatchNorm.from_batchnorm(nn.BatchNorm2d(3, momentum=None), spec)
+        for _ in range(200):
+            sbn(torch.randn(16, 3, 12, 12) * scale.view(1, 3, 1, 1) + loc.view(1, 3, 1, 1))
+        torch.testing.assert_close(sbn.running_mean, loc, atol=0.03, rtol=0)
+        torch.testing.assert_close(sbn.running_var, scale ** 2, atol=0.0, rtol=0.03)
+
+
+def test_unbiased_correction_uses_sample_count():
+    sbn = SampledBatchNorm.from_batchnorm(nn.BatchNorm2d(1, momentum=1.0), FeatureSampling(patch=(2, 2)))
+    x = torch.randn(2, 1, 6, 6)
+    sbn(x)
+    groups = build_groups(sbn.estimator, tuple(x.shape), 2, 0, torch.tensor(0), sbn.seed)
+    s = gather(x, groups[0])
+    assert groups[0].count == 8
+    torch.testing.assert_close(sbn.running_var, s.var(unbiased=True).view(1))
+
+
+def test_same_seed_same_samples_and_seedable():
+    spec = FeatureSampling(area_ratio=0.25, per_sample=True)
+    g1 = build_groups(spec, (4, 2, 8, 8), 4, 0, torch.tensor(3), seed=7)
+    g2 = build_groups(spec, (4, 2, 8, 8), 4, 0, torch.tensor(3), seed=7)
+    g3 = build_groups(spec, (4, 2, 8, 8), 4, 0, torch.tensor(3), seed=8)
+    g4 = build_groups(spec, (4, 2, 8, 8), 4, 0, torch.tensor(4), seed=7)
+    assert torch.equal(g1[0].pos, g2[0].pos)
+    assert not torch.equal(g1[0].pos, g3[0].pos)
+    assert not torch.equal(g1[0].pos, g4[0].pos)
+    a = SampledBatchNorm.from_batchnorm(nn.BatchNorm2d(2), spec, seed=5)
+    b = SampledBatchNorm.from_batchnorm(nn.BatchNorm2d(2), spec, seed=9)
+    b.reseed(5)
+    x = torch.randn(4, 2, 8, 8)
+    assert torch.equal(a(x), b(x))
+
+
+def test_offsets_cover_the_map():
+    """The draws reach every allowed offset (no stuck generator)."""
+    spec = FeatureSampling(patch=(2, 2))
+    seen = set()
+    for step in range(300):
+        pos = build_groups(spec, (1, 1, 5, 5), 1, 0, torch.tensor(step), seed=0)[0].pos
+        seen.add(int(pos[0]))
+    assert seen == {h * 5 + w for h in range(4) for w in range(4)}
+
+
+def test_fs_on_flat_input_falls_back_to_batch_sampling():
+    spec = FeatureSampling(area_ratio=0.25)
+    groups = build_groups(spec, (16, 4), 16, 0, torch.tensor(0), seed=0)
+    assert groups[0].rows is not None and groups[0].rows.numel() == 4
+    sbn = SampledBatchNorm.from_batchnorm(nn.BatchNorm1d(4), spec)
+    assert torch.isfinite(sbn(torch.randn(16, 4))).all()
+
+
+def test_micro_batch_one_trains_without_nan():
+    """Plain BN cannot train at batch 1 on (N, C); the micro-batch estimator pools virtual rows and stays finite."""
+    bn = nn.BatchNorm1d(4)
+    with pytest.raises(ValueError):
+        bn(torch.randn(1, 4))
+    sbn = SampledBatchNorm.from_batchnorm(nn.BatchNorm1d(4), Exact(), micro=MicroBatch(threshold=4))
+    x = torch.cat([torch.randn(1, 4), torch.randn(4, 4)]).requires_grad_()  # 1 real row + 4 virtual rows
+    y = sbn(x, n_real=1)
+    y[:1].sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    assert torch.isfinite(sbn.running_var).all()
+    # a 1x1 map at batch 1 with BS: one element per channel, still finite
+    sbn2 = SampledBatchNorm.from_batchnorm(nn.BatchNorm2d(3), BatchSampling())
+    assert torch.isfinite(sbn2(torch.randn(1, 3, 1, 1))).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_half_precision(dtype):
+    """Under autocast the sampled BN runs on half inputs with float32 statistics."""
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+    blk = copy.deepcopy(ref)
+    blk[1] = SampledBatchNorm.from_batchnorm(blk[1], FeatureSampling(area_ratio=1.0))
+    x = torch.randn(4, 3, 8, 8)
+    with torch.autocast("cpu", dtype=dtype):
+        y = blk(x)
+    assert y.dtype == dtype
+    y.float().sum().backward()
+    assert blk[1].running_mean.dtype == torch.float32
+    yr = ref(x)
+    torch.testing.assert_close(y.float(), yr, atol=0.1, rtol=0.05)
+    assert torch.isfinite(blk[0].weight.grad).all()
+
+
+def test_channels_last_matches_contiguous():
+    spec = FeatureSampling(area_ratio=0.25, layout="grid", per_sample=True)
+    x = torch.randn(4, 6, 8, 8)
+    gy = torch.randn_like(x)
+    out = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        sbn = SampledBatchNorm.from_batchnorm(nn.BatchNorm2d(6), spec)
+        xi = x.clone().to(memory_format=fmt).requires_grad_()
+        y = sbn(xi)
+        y.backward(gy.to(memory_format=fmt))
+        out.append((y, xi.grad, sbn.running_var))
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
