@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm, _LazyNormBase
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._version import __version__
 from .estimators import Exact, VirtualDataset
@@ -81,11 +81,19 @@ def _capture_shapes(model: nn.Module, args: tuple) -> dict[str, tuple[int, ...]]
     return shapes
 
 
+def _materialize_lazy(model: nn.Module, args: tuple | None) -> list[str]:
+    """Materialise lazy modules with one eval forward on ``args``; returns the names still uninitialised."""
+    def lazy():
+        return [n for n, m in model.named_modules()
+                if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()]
+    if args is not None and lazy():
+        _capture_shapes(model, args)
+    return lazy()
+
+
 def _plan(model: nn.Module, policy: Policy, leaf_modules, concrete_args, example_inputs):
     args = _as_tuple(example_inputs)
-    if args is not None and any(isinstance(m, _LazyNormBase) and m.has_uninitialized_params()
-                                for m in model.modules()):
-        _capture_shapes(model, args)  # materialises lazy modules
+    _materialize_lazy(model, args)
     traced = trace(model, leaf_modules, concrete_args)
     sites = find_sites(model, traced if traced.graph is not None else None)
     shapes = _capture_shapes(model, args) if args is not None else {}
@@ -160,6 +168,11 @@ def transform(model: nn.Module, policy: Any = "fs", *, example_inputs=None, inpl
         raise ValueError("this model was already transformed by fxbns; call fxbns.revert(model) first, "
                          "or transform the original model")
     pol = resolve_policy(policy)
+    lazy = _materialize_lazy(model, _as_tuple(example_inputs))
+    if lazy and not inplace:
+        raise ValueError(f"the model has uninitialised lazy modules ({', '.join(lazy[:3])}), which cannot be "
+                         f"copied: pass example_inputs=... to materialise them, run one forward first, or use "
+                         f"inplace=True (lazy BatchNorms are then left exact)")
     root = model if inplace else copy.deepcopy(model)
     traced, sites = _plan(root, pol, tuple(leaf_modules), concrete_args, example_inputs)
     vb, vdesc = _virtual_config(pol, sites)
@@ -183,10 +196,7 @@ def transform(model: nn.Module, policy: Any = "fs", *, example_inputs=None, inpl
         rewrite_graph(root, traced.graph, sites, pol.micro, pol.seed, vstate, n_real, rewrite_all, res)
         if traced.eval_graph is not None:
             rewrite_graph(root, traced.eval_graph, sites, pol.micro, pol.seed, vstate, None, rewrite_all, res)
-            out = DualGraphModule(root, traced.graph, traced.eval_graph, type(model).__name__)
-        else:
-            out = fx.GraphModule(root, traced.graph, type(model).__name__)
-        out.train(model.training)
+        out = DualGraphModule(root, traced.graph, traced.eval_graph, type(model).__name__)
     out._fxbns = TransformInfo(pol, _make_report(traced, sites, pol, vdesc), tuple(leaf_modules))
     return out
 
@@ -256,15 +266,14 @@ def revert(model: nn.Module) -> nn.Module:
             out.set_submodule(name, m.to_batchnorm())
         elif isinstance(m, FunctionalBatchNorm):
             m.estimator, m.micro = Exact(), None
-    graphs = out.graphs().values() if isinstance(out, DualGraphModule) else (
-        [out.graph] if isinstance(out, fx.GraphModule) else [])
+    graphs = {id(g): g for g in out.graphs().values()}.values() if isinstance(out, DualGraphModule) else ()
     for g in graphs:
         _remove_virtual(g)
     if hasattr(out, VIRTUAL_NAME):
         delattr(out, VIRTUAL_NAME)
     for h in getattr(out, "_fxbns_hooks", ()):
         h.remove()
-    if isinstance(out, fx.GraphModule):
+    if isinstance(out, DualGraphModule):
         out.recompile()
     out._fxbns = None
     return out

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -100,19 +101,21 @@ def trace(model: nn.Module, leaf_modules: Iterable[str] = (), concrete_args=None
 
 
 class DualGraphModule(fx.GraphModule):
-    """A GraphModule with one graph for training and one for eval, switched by ``.train()``."""
+    """A GraphModule with one graph for training and one for eval, switched by ``.train()``.
 
-    def __init__(self, root: nn.Module, train_graph: fx.Graph, eval_graph: fx.Graph, class_name: str) -> None:
+    With ``eval_graph=None`` both modes share one graph.  Unlike a plain GraphModule, a deep copy
+    keeps both graphs and the fxbns metadata (``_fxbns``).
+    """
+
+    def __init__(self, root: nn.Module, train_graph: fx.Graph, eval_graph: fx.Graph | None, class_name: str) -> None:
         super().__init__(root, train_graph, class_name)
+        if eval_graph is None:
+            eval_graph = train_graph
         for node in eval_graph.nodes:
-            if node.op in ("call_module", "get_attr"):
-                try:
-                    self.get_submodule(node.target) if node.op == "call_module" else None
-                except AttributeError:
-                    _copy_path(root, self, node.target)
+            if node.op in ("call_module", "get_attr") and not _has_path(self, node.target):
+                _copy_path(root, self, node.target)
         self._fxbns_graphs = {True: train_graph, False: eval_graph}
-        if not root.training:
-            self.train(False)
+        self.train(root.training)
 
     def train(self, mode: bool = True):
         graphs = self.__dict__.get("_fxbns_graphs")
@@ -122,7 +125,24 @@ class DualGraphModule(fx.GraphModule):
         return super().train(mode)
 
     def graphs(self) -> dict[bool, fx.Graph]:
+        """``{True: training graph, False: eval graph}`` (the same object when they do not differ)."""
         return self._fxbns_graphs
+
+    def __deepcopy__(self, memo):
+        res = super().__deepcopy__(memo)
+        for key in ("_fxbns_graphs", "_fxbns"):
+            if key in self.__dict__:
+                res.__dict__[key] = copy.deepcopy(self.__dict__[key], memo)
+        return res
+
+
+def _has_path(m: nn.Module, target: str) -> bool:
+    obj = m
+    for p in target.split("."):
+        if not hasattr(obj, p):
+            return False
+        obj = getattr(obj, p)
+    return True
 
 
 def _copy_path(src: nn.Module, dst: nn.Module, target: str) -> None:
