@@ -7,8 +7,10 @@ Statistics Estimation", IEEE TNNLS 2020 (arXiv 1810.10962).
 from ._version import __version__
 from .api import TransformInfo, explain, load, report, revert, save, transform
 from .estimators import BatchSampling, Exact, FeatureSampling, MicroBatch, VirtualDataset
+from .export import ExportResult, export_onnx
 from .functional import sampled_batch_norm
 from .modules import SampledBatchNorm
+from .passes.fold import FoldResult, fold
 from .policy import PRESETS, Policy
 from .report import Report
 
@@ -30,5 +32,9 @@ __all__ = [
     "revert",
     "save",
     "load",
+    "fold",
+    "FoldResult",
+    "export_onnx",
+    "ExportResult",
     "sampled_batch_norm",
 ]

@@ -1,0 +1,269 @@
+"""``fxbns`` / ``python tools/rewrite.py``: rewrite a model's BatchNorms from the shell.
+
+    fxbns                                   # the embedded default (torchvision ResNet-18, 10 classes)
+    fxbns weights.pt --arch torchvision:resnet50 --policy fs --onnx model.onnx
+    fxbns model.pt --trust --policy policy.yaml --out fxbns.ckpt --report report.json
+    fxbns --explain --arch torchvision:mobilenet_v2 --policy bs
+
+Exit codes: 0 success, 1 error (one line, no traceback unless ``--debug``), 2 usage error or a
+pickled model without ``--trust``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import os
+import pickle
+import sys
+import time
+import zipfile
+
+__all__ = ["main"]
+
+DEFAULT_ARCH = "torchvision:resnet18"
+DEFAULT_NUM_CLASSES = 10
+
+
+class CLIError(Exception):
+    def __init__(self, msg: str, code: int = 1) -> None:
+        super().__init__(msg)
+        self.code = code
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fxbns", description="Rewrite every BatchNorm of a PyTorch model into sampled-statistics "
+        "BatchNorm (BS / FS / VDN / micro-batch), report per layer, save and export to ONNX.")
+    p.add_argument("model", nargs="?", help="a state_dict file (with --arch) or a pickled nn.Module (with --trust); "
+                   f"omitted: the embedded default ({DEFAULT_ARCH}, {DEFAULT_NUM_CLASSES} classes)")
+    p.add_argument("--arch", help="architecture for a state_dict: torchvision:NAME, timm:NAME (timm installed), "
+                   "or package.module:factory")
+    p.add_argument("--num-classes", type=int, help="num_classes passed to the architecture factory")
+    p.add_argument("--trust", action="store_true", help="allow loading a pickled nn.Module (runs code from the file)")
+    p.add_argument("--policy", default="fs", help="a preset (exact, bs, fs, vdn, micro) or a JSON/YAML policy file "
+                   "(default: fs)")
+    p.add_argument("--input-shape", help="example input shape N,C,H,W (default 2,3,224,224; 2,3,32,32 for the "
+                   "embedded default)")
+    p.add_argument("--out", help="write an fxbns checkpoint (fxbns.save) here")
+    p.add_argument("--onnx", help="export the inference model to this ONNX file (checked in onnxruntime)")
+    p.add_argument("--report", help="write the per-layer report as JSON here")
+    p.add_argument("--explain", action="store_true", help="dry run: print the plan, write nothing but --report")
+    p.add_argument("--seed", type=int, default=0, help="seed for model init and sampling (default 0)")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    return p
+
+
+@contextlib.contextmanager
+def _step(msg: str):
+    """Show progress for steps that take longer than a second."""
+    t0 = time.perf_counter()
+    print(f"[fxbns] {msg} ...", file=sys.stderr, flush=True)
+    yield
+    dt = time.perf_counter() - t0
+    if dt > 1.0:
+        print(f"[fxbns] {msg}: done in {dt:.1f} s", file=sys.stderr, flush=True)
+
+
+def _parse_shape(s: str | None, default: tuple[int, ...]) -> tuple[int, ...]:
+    if s is None:
+        return default
+    try:
+        shape = tuple(int(v) for v in s.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise CLIError(f"--input-shape {s!r} is not a list of integers such as 2,3,224,224", 2) from None
+    if len(shape) < 2 or any(v <= 0 for v in shape):
+        raise CLIError(f"--input-shape {s!r} must have at least 2 positive dims (N,C,...), e.g. 2,3,224,224", 2)
+    return shape
+
+
+def _check_writable(path: str | None, flag: str) -> None:
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise CLIError(f"{flag} {path!r}: folder {folder!r} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise CLIError(f"{flag} {path!r}: folder {folder!r} is not writable")
+    if os.path.isdir(path):
+        raise CLIError(f"{flag} {path!r} is a folder; give a file path")
+
+
+def _build_arch(arch: str, num_classes: int | None):
+    if ":" not in arch:
+        raise CLIError(f"--arch {arch!r} must be torchvision:NAME, timm:NAME or package.module:factory", 2)
+    kind, name = arch.split(":", 1)
+    kw = {} if num_classes is None else {"num_classes": num_classes}
+    if kind == "torchvision":
+        import torchvision
+
+        try:
+            return torchvision.models.get_model(name, weights=None, **kw)
+        except ValueError:
+            names = torchvision.models.list_models()
+            import difflib
+
+            close = difflib.get_close_matches(name, names, n=3)
+            raise CLIError(f"unknown torchvision model {name!r}" + (f"; did you mean {', '.join(close)}?" if close
+                                                                     else "")) from None
+    if kind == "timm":
+        try:
+            import timm
+        except ImportError:
+            raise CLIError("--arch timm:... needs timm: pip install timm") from None
+        return timm.create_model(name, pretrained=False, **kw)
+    try:
+        mod = importlib.import_module(kind)
+        factory = getattr(mod, name)
+    except (ImportError, AttributeError) as e:
+        raise CLIError(f"--arch {arch!r}: cannot import {name!r} from {kind!r} ({e})") from None
+    return factory(**kw)
+
+
+def _load_model(args):
+    import torch
+    from torch import nn
+
+    if args.model is None:
+        if args.arch is None:
+            return _build_arch(DEFAULT_ARCH, args.num_classes or DEFAULT_NUM_CLASSES), "embedded default"
+        return _build_arch(args.arch, args.num_classes), args.arch
+    path = args.model
+    if not os.path.exists(path):
+        raise CLIError(f"model file {path!r} does not exist")
+    if os.path.isdir(path):
+        raise CLIError(f"model path {path!r} is a folder; give a .pt file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        safe = True
+    except pickle.UnpicklingError:
+        obj, safe = None, False
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise CLIError(f"cannot read {path!r}: not a PyTorch file or corrupt ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
+    if not safe:
+        if not args.trust:
+            raise CLIError(
+                f"{path!r} holds a pickled object (a whole nn.Module?), not just tensors. Loading it runs code "
+                f"from the file. If you trust it, add --trust; otherwise save a state_dict and pass --arch.", 2)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001
+            raise CLIError(f"cannot load {path!r}: {type(e).__name__}: {e}") from None
+        if not isinstance(obj, nn.Module):
+            raise CLIError(f"{path!r} holds a {type(obj).__name__}, not an nn.Module")
+        return obj, path
+    if isinstance(obj, dict) and obj.get("format") == "fxbns-checkpoint":
+        obj = obj["state_dict"]
+    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CLIError(f"{path!r} is not a state_dict (a mapping of names to tensors)")
+    if args.arch is None:
+        raise CLIError(f"{path!r} is a state_dict: pass --arch (e.g. --arch torchvision:resnet18) to build the model", 2)
+    model = _build_arch(args.arch, args.num_classes)
+    sd = {k: v for k, v in obj.items() if not k.startswith("_fxbns_virtual.")}
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = "; ".join(lines[1:3])[:300]
+        raise CLIError(f"the state_dict in {path!r} does not fit {args.arch}: {detail}"
+                       + ("" if args.num_classes else " (a different --num-classes?)")) from None
+    return model, f"{path} ({args.arch})"
+
+
+def run(args) -> int:
+    import torch
+
+    import fxbns
+
+    torch.manual_seed(args.seed)
+    default_shape = (2, 3, 32, 32) if args.model is None and args.arch is None else (2, 3, 224, 224)
+    shape = _parse_shape(args.input_shape, default_shape)
+    for path, flag in ((args.out, "--out"), (args.onnx, "--onnx"), (args.report, "--report")):
+        _check_writable(path, flag)
+    try:
+        policy = fxbns.policy.resolve_policy(args.policy)
+    except (ValueError, TypeError) as e:
+        raise CLIError(f"--policy: {e}", 2) from None
+    policy.set_seed(args.seed)
+    with _step("loading the model"):
+        model, what = _load_model(args)
+    x = torch.randn(shape)
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    except Exception as e:  # noqa: BLE001
+        raise CLIError(f"the model does not run on an input of shape {tuple(shape)} ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0][:200] if str(e) else ''}); set --input-shape") from None
+    model.train()
+    if args.explain:
+        with _step("planning (dry run)"):
+            rep = fxbns.explain(model, policy, x)
+    else:
+        with _step(f"rewriting with policy {args.policy!r}"):
+            gm = fxbns.transform(model, policy, example_inputs=x)
+        rep = fxbns.report(gm)
+    print(f"model: {what}; input {'x'.join(map(str, shape))}")
+    print(rep)
+    if args.report:
+        from ._io import atomic_write_text
+
+        atomic_write_text(args.report, json.dumps(_jsonable(rep.to_dict()), indent=2) + "\n")
+        print(f"report: {args.report}")
+    if args.explain:
+        return 0
+    if args.out:
+        with _step("saving the checkpoint"):
+            fxbns.save(gm, args.out)
+        print(f"checkpoint: {args.out} (rebuild with fxbns.load(path, model))")
+    if args.onnx:
+        with _step("exporting ONNX and checking it in onnxruntime"):
+            gm.eval()
+            res = fxbns.export_onnx(gm, x, args.onnx)
+        print(f"onnx: {res.path} ({res.exporter} exporter, {res.bn_folded} BatchNorms folded, {res.onnx_nodes} nodes, "
+              f"opset {res.opset}); onnxruntime {'/'.join(res.providers)} max relative error {res.max_error:.1e} "
+              f"at batch {' and '.join(map(str, res.checked_batches))}")
+        if res.fallback_reason:
+            print(f"note: the dynamo exporter failed ({res.fallback_reason}); used the TorchScript exporter")
+    return 0
+
+
+def _jsonable(o):
+    from .estimators import spec_to_dict
+
+    if isinstance(o, dict):
+        return {k: _jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_jsonable(v) for v in o]
+    if hasattr(o, "kind") and hasattr(o, "describe"):
+        return spec_to_dict(o)
+    return o
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except CLIError as e:
+        if args.debug:
+            raise
+        print(f"fxbns: error: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        print("fxbns: interrupted; no output was left half-written", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one clear line unless --debug
+        if args.debug:
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"fxbns: error: {type(e).__name__}: {msg} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
