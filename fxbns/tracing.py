@@ -28,6 +28,9 @@ __all__ = ["trace", "TraceResult", "DualGraphModule"]
 
 
 class _Tracer(fx.Tracer):
+    # buffers become get_attr nodes (not constants baked into the graph), so they stay state
+    proxy_buffer_attributes = True
+
     def __init__(self, leaves: set[str]) -> None:
         super().__init__()
         self.leaves = leaves
@@ -114,7 +117,14 @@ class DualGraphModule(fx.GraphModule):
         for node in eval_graph.nodes:
             if node.op in ("call_module", "get_attr") and not _has_path(self, node.target):
                 _copy_path(root, self, node.target)
+        # tensor constants the tracer lifted out of the code are not state: keep state_dict keys as the original's
+        for mod in self.modules():
+            for name in mod._buffers:
+                if name.startswith("_tensor_constant"):
+                    mod._non_persistent_buffers_set.add(name)
         self._fxbns_graphs = {True: train_graph, False: eval_graph}
+        # state_dict metadata carries the root's _version (MNASNet, for one, converts old layouts on load)
+        type(self)._version = getattr(type(root), "_version", 1)
         self.train(root.training)
 
     def train(self, mode: bool = True):
@@ -130,6 +140,7 @@ class DualGraphModule(fx.GraphModule):
 
     def __deepcopy__(self, memo):
         res = super().__deepcopy__(memo)
+        type(res)._version = type(self)._version
         for key in ("_fxbns_graphs", "_fxbns"):
             if key in self.__dict__:
                 res.__dict__[key] = copy.deepcopy(self.__dict__[key], memo)

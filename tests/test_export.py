@@ -1,0 +1,107 @@
+"""ONNX export: folding, no training-mode BatchNormalization, dynamic batch, onnxruntime agreement."""
+
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import fxbns
+
+
+def _trained(preset, model=None, shape=(4, 3, 32, 32)):
+    torch.manual_seed(0)
+    model = model or torchvision.models.resnet18(num_classes=10)
+    x = torch.randn(shape)
+    gm = fxbns.transform(model, preset, example_inputs=x)
+    opt = torch.optim.SGD(gm.parameters(), lr=0.01)
+    for _ in range(2):
+        opt.zero_grad()
+        gm(x).square().mean().backward()
+        opt.step()
+    return model, gm, x
+
+
+def _ort(path, x):
+    s = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return s.run(None, {s.get_inputs()[0].name: x.numpy()})[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["fs", "vdn"])
+def test_transformed_export_matches_folded_original(tmp_path, preset):
+    _, gm, x = _trained(preset)
+    a = fxbns.export_onnx(gm, x, tmp_path / "t.onnx")
+    # the same trained weights in the original architecture, exported the same way
+    orig = torchvision.models.resnet18(num_classes=10)
+    orig.load_state_dict(fxbns.revert(gm).state_dict())
+    b = fxbns.export_onnx(orig, x, tmp_path / "o.onnx")
+    assert a.exporter == "dynamo" and a.bn_folded == 20 and a.max_error < 1e-4
+    assert a.providers == ["CPUExecutionProvider"]
+    ma, mb = onnx.load(a.path), onnx.load(b.path)
+    assert [n.op_type for n in ma.graph.node] == [n.op_type for n in mb.graph.node]  # same structure
+    assert not any(n.op_type == "BatchNormalization" for n in ma.graph.node)
+    assert ma.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch axis
+    for n in (1, 7):
+        xi = torch.randn(n, 3, 32, 32)
+        ya, yb = _ort(a.path, xi), _ort(b.path, xi)
+        np.testing.assert_allclose(ya, yb, rtol=1e-4, atol=1e-5)  # same numbers
+        gm.eval()
+        with torch.no_grad():
+            np.testing.assert_allclose(ya, gm(xi).numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_fold_alone_and_refuses_training():
+    _, gm, x = _trained("bs", nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                                            nn.Linear(8 * 30 * 30, 6), nn.BatchNorm1d(6)))
+    with pytest.raises(ValueError, match="eval"):
+        fxbns.fold(gm)
+    gm.eval()
+    r = fxbns.fold(gm)
+    assert r.folded == ["1", "5"] and r.nodes_after == r.nodes_before - 2
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in r.module.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(r.module(x), gm(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fold_skips_what_cannot_fold():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.bn = nn.BatchNorm2d(4)
+            self.bn2 = nn.BatchNorm2d(4, track_running_stats=False)
+            self.conv2 = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y, self.bn2(self.conv2(y))
+
+    m = M().eval()
+    r = fxbns.fold(m)
+    assert r.folded == []
+    assert "other users" in r.skipped["bn"] and "track_running_stats" in r.skipped["bn2"]
+
+
+@pytest.mark.slow
+def test_export_any_module_without_fold_and_atomicity(tmp_path):
+    m = torchvision.models.mobilenet_v3_small(num_classes=5).eval()
+    x = torch.randn(2, 3, 64, 64)
+    r = fxbns.export_onnx(m, x, tmp_path / "m.onnx", fold=False)
+    assert r.max_error < 1e-4 and r.checked_batches[0] == 1
+    assert os.listdir(tmp_path) == ["m.onnx"]  # no temporary left behind
+    # a failing export leaves the existing file untouched and no partial file
+    before = (tmp_path / "m.onnx").read_bytes()
+
+    class Noisy(nn.Module):  # exports fine, but onnxruntime cannot reproduce its random output
+        def forward(self, x):
+            return x + torch.rand_like(x)
+
+    with pytest.raises(ValueError, match="differs from PyTorch"):
+        fxbns.export_onnx(Noisy(), x, tmp_path / "m.onnx", fold=False)
+    assert (tmp_path / "m.onnx").read_bytes() == before
+    assert os.listdir(tmp_path) == ["m.onnx"]
