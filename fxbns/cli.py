@@ -17,6 +17,7 @@ import importlib
 import json
 import os
 import pickle
+import re
 import sys
 import time
 import zipfile
@@ -71,7 +72,7 @@ def _parse_shape(s: str | None, default: tuple[int, ...]) -> tuple[int, ...]:
     if s is None:
         return default
     try:
-        shape = tuple(int(v) for v in s.replace("x", ",").split(",") if v.strip())
+        shape = tuple(int(v) for v in re.split(r"[,x]", s.strip()))
     except ValueError:
         raise CLIError(f"--input-shape {s!r} is not a list of integers such as 2,3,224,224", 2) from None
     if len(shape) < 2 or any(v <= 0 for v in shape):
@@ -138,7 +139,9 @@ def _load_model(args):
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
         safe = True
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as e:
+        if "global" not in str(e).lower():  # not a class reference that weights_only refused: a broken file
+            raise CLIError(f"cannot read {path!r}: not a PyTorch file or corrupt (unpickling failed)") from None
         obj, safe = None, False
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         raise CLIError(f"cannot read {path!r}: not a PyTorch file or corrupt ({type(e).__name__}: "

@@ -1,0 +1,130 @@
+"""The CLI, driven as a subprocess: exit codes, messages, outputs (atomic), ONNX checked in onnxruntime."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import torchvision
+
+import fxbns
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args, cwd=None):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "rewrite.py"), *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+
+
+def _one_error_line(p):
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("fxbns: error:")]
+    assert len(lines) == 1, p.stderr
+    assert "Traceback" not in p.stderr
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_default_model_all_outputs(tmp_path):
+    p = run("--policy", "fs", "--out", tmp_path / "ck.pt", "--onnx", tmp_path / "m.onnx", "--report",
+            tmp_path / "r.json")
+    assert p.returncode == 0, p.stderr
+    assert "20 BatchNorm sites, 20 sampled" in p.stdout and "fs(grid" in p.stdout
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert len(rep["sites"]) == 20 and rep["sites"][0]["spec"]["kind"] == "fs"
+    # the checkpoint rebuilds
+    gm = fxbns.load(tmp_path / "ck.pt", torchvision.models.resnet18(num_classes=10))
+    assert fxbns.report(gm).rows[0]["estimator"].startswith("fs")
+    # the ONNX file runs in onnxruntime and matches PyTorch
+    gm.eval()
+    x = torch.randn(3, 3, 32, 32)
+    s = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    y = s.run(None, {s.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(y, gm(x).numpy(), rtol=1e-4, atol=1e-4)
+    assert "onnxruntime" in p.stdout and "max relative error" in p.stdout
+    assert "done in" in p.stderr  # progress for the slow export step
+    assert sorted(os.listdir(tmp_path)) == ["ck.pt", "m.onnx", "r.json"]  # no temporaries left
+
+
+def test_state_dict_with_arch_and_explain(tmp_path):
+    m = torchvision.models.mobilenet_v2(num_classes=7)
+    torch.save(m.state_dict(), tmp_path / "sd.pt")
+    p = run(tmp_path / "sd.pt", "--arch", "torchvision:mobilenet_v2", "--num-classes", "7", "--policy", "bs",
+            "--input-shape", "2,3,64,64", "--explain", "--report", tmp_path / "r.json")
+    assert p.returncode == 0, p.stderr
+    assert "52 BatchNorm sites" in p.stdout and "bs(ratio=0.125)" in p.stdout
+    assert json.loads((tmp_path / "r.json").read_text())["sites"][0]["shape"] == [2, 32, 32, 32]
+    # a state_dict that does not fit the architecture
+    p = run(tmp_path / "sd.pt", "--arch", "torchvision:mobilenet_v2", "--input-shape", "2,3,64,64")
+    assert p.returncode == 1
+    assert "does not fit torchvision:mobilenet_v2" in _one_error_line(p) and "num-classes" in p.stderr
+    # a state_dict without --arch
+    p = run(tmp_path / "sd.pt")
+    assert p.returncode == 2 and "--arch" in _one_error_line(p)
+
+
+def test_pickled_module_needs_trust(tmp_path):
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    torch.save(m, tmp_path / "whole.pt")
+    p = run(tmp_path / "whole.pt", "--input-shape", "2,3,16,16")
+    assert p.returncode == 2
+    line = _one_error_line(p)
+    assert "--trust" in line and "runs code" in line
+    p = run(tmp_path / "whole.pt", "--trust", "--input-shape", "2,3,16,16", "--out", tmp_path / "ck.pt")
+    assert p.returncode == 0, p.stderr
+    assert "1 BatchNorm sites, 1 sampled" in p.stdout and (tmp_path / "ck.pt").exists()
+
+
+@pytest.mark.parametrize("args, code, needle", [
+    (["missing.pt"], 1, "does not exist"),
+    (["--policy", "fastest"], 2, "unknown preset 'fastest'"),
+    (["--input-shape", "2,x,3"], 2, "--input-shape"),
+    (["--input-shape", "2,4,32,32"], 1, "does not run on an input of shape"),
+    (["--arch", "torchvision:resnet181"], 1, "did you mean resnet18"),
+    (["--out", "no/such/folder/ck.pt"], 1, "does not exist"),
+])
+def test_errors_are_one_clear_line(tmp_path, args, code, needle):
+    p = run(*args, cwd=tmp_path)
+    assert p.returncode == code, (p.stdout, p.stderr)
+    assert needle in _one_error_line(p)
+
+
+def test_corrupt_file_and_existing_output_kept(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x00not a torch file at all")
+    p = run(bad, "--arch", "torchvision:resnet18")
+    assert p.returncode == 1 and "not a PyTorch file or corrupt" in _one_error_line(p)
+    # an unwritable output: refused before any work, existing files untouched
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    (ro / "r.json").write_text("keep me")
+    ro.chmod(0o555)
+    try:
+        if os.access(ro, os.W_OK):  # running as root: permissions do not bind, use a path under a file
+            p = run("--report", tmp_path / "bad.pt" / "r.json")
+            assert p.returncode == 1 and "does not exist" in _one_error_line(p)
+        else:
+            p = run("--report", ro / "r.json")
+            assert p.returncode == 1 and "not writable" in _one_error_line(p)
+    finally:
+        ro.chmod(0o755)
+    assert (ro / "r.json").read_text() == "keep me"
+
+
+def test_debug_shows_traceback(tmp_path):
+    p = run("--policy", "fastest", "--debug", cwd=tmp_path)
+    assert p.returncode != 0 and "Traceback" in p.stderr
+
+
+def test_console_script_is_installed():
+    exe = Path(sys.executable).parent / "fxbns"
+    assert exe.exists()
+    p = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "--policy" in p.stdout
