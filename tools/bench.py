@@ -1,0 +1,362 @@
+#!/usr/bin/env python3
+"""Benchmarks: print a table and write a JSON record (bench-results/<mode>-<time>.json).
+
+    python tools/bench.py layer   # nn.BatchNorm2d vs each estimator, per BN shape (fwd+bwd and fwd-only)
+    python tools/bench.py train   # per-step training time, original vs transformed model
+    python tools/bench.py onnx    # onnxruntime latency, folded vs unfolded export
+
+Method (../shared/MEASURING.md): A and B interleaved in one process after warm-up; medians, the median of
+the per-pair ratios and its min-max spread; never constant inputs.  ``--allocator tuned`` (default) runs with
+glibc's allocator told to keep large blocks mapped (MALLOC_MMAP_THRESHOLD_ etc.), ``--allocator default``
+without; the record says which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TUNED = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736",
+         "MALLOC_TOP_PAD_": "1073741824"}
+
+
+def _ensure_allocator(mode: str) -> None:
+    """Re-exec with the allocator environment the run asks for (it must be set before the process starts)."""
+    want = TUNED if mode == "tuned" else {}
+    have = {k: os.environ.get(k) for k in TUNED}
+    if all(have[k] == want.get(k) for k in TUNED):
+        return
+    env = {k: v for k, v in os.environ.items() if k not in TUNED}
+    env.update(want)
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+def _machine() -> dict:
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or
+            platform.machine(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.is_available(),
+            "allocator": "tuned glibc (" + ", ".join(f"{k}={v}" for k, v in TUNED.items()) + ")"
+            if os.environ.get("MALLOC_MMAP_THRESHOLD_") == TUNED["MALLOC_MMAP_THRESHOLD_"] else "glibc default"}
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timeit(fn, device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def ab(fa, fb, device, pairs: int, warmup: int = 3) -> dict:
+    """Interleaved A/B timing: medians, median per-pair ratio A/B (>1: B faster), min-max of the ratios."""
+    for _ in range(warmup):
+        fa()
+        fb()
+    ta, tb, ratios = [], [], []
+    for i in range(pairs):
+        if i % 2 == 0:
+            a = _timeit(fa, device)
+            b = _timeit(fb, device)
+        else:
+            b = _timeit(fb, device)
+            a = _timeit(fa, device)
+        ta.append(a)
+        tb.append(b)
+        ratios.append(a / b)
+    return {"a_ms": 1e3 * statistics.median(ta), "b_ms": 1e3 * statistics.median(tb),
+            "speedup": statistics.median(ratios), "spread": [min(ratios), max(ratios)]}
+
+
+def _geomean(v):
+    return math.exp(sum(math.log(x) for x in v) / len(v)) if v else float("nan")
+
+
+def _write(mode: str, record: dict, out: str | None) -> str:
+    folder = ROOT / "bench-results"
+    folder.mkdir(exist_ok=True)
+    path = out or str(folder / f"{mode}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=2)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------- layer
+RESNET50_B64 = [(64, 64, 56, 56), (64, 256, 56, 56), (64, 128, 28, 28), (64, 512, 28, 28),
+                (64, 256, 14, 14), (64, 1024, 14, 14), (64, 512, 7, 7), (64, 2048, 7, 7)]
+CIFAR_B128 = [(128, 16, 32, 32), (128, 32, 16, 16), (128, 64, 8, 8)]
+
+
+def layer_estimators(names: list[str]):
+    from fxbns import BatchSampling, FeatureSampling
+
+    table = {
+        "bs": BatchSampling(ratio=1 / 8),
+        "bs_sb": BatchSampling(ratio=1 / 8, sample_backward=True),
+        "fs": FeatureSampling(area_ratio=1 / 16, layout="grid", per_sample=True),
+        "fs_sb": FeatureSampling(area_ratio=1 / 16, layout="grid", per_sample=True, sample_backward=True),
+        "fs_patch": FeatureSampling(area_ratio=1 / 16),
+        "fs_patch_sb": FeatureSampling(area_ratio=1 / 16, sample_backward=True),
+    }
+    return {n: table[n] for n in names}
+
+
+def bench_layer(args) -> dict:
+    import torch
+    from torch import nn
+
+    from fxbns import SampledBatchNorm
+
+    device = torch.device(args.device)
+    shapes = [("resnet50-b64", s) for s in RESNET50_B64] + [("cifar-resnet-b128", s) for s in CIFAR_B128]
+    if args.quick:
+        shapes = [shapes[1], shapes[3], shapes[5], shapes[8]]
+    ests = layer_estimators(args.estimators.split(","))
+    rows = []
+    print(f"{'shape':24s} {'est':12s} {'native fb ms':>12s} {'ours fb ms':>10s} {'fb x':>6s} {'spread':>12s} "
+          f"{'native f ms':>11s} {'ours f ms':>9s} {'f x':>6s}")
+    for tag, shape in shapes:
+        torch.manual_seed(0)
+        x = (torch.randn(shape, device=device) * 2 + 0.5).requires_grad_()
+        dy = torch.randn(shape, device=device)
+        bn = nn.BatchNorm2d(shape[1]).to(device)
+
+        def run_fb(m, x=x, dy=dy):
+            def f():
+                y = m(x)
+                y.backward(dy)
+                x.grad = None
+            return f
+
+        def run_f(m, x=x):
+            def f():
+                with torch.no_grad():
+                    m(x)
+            return f
+
+        for name, spec in ests.items():
+            sbn = SampledBatchNorm.from_batchnorm(copy.deepcopy(bn), spec)
+            fb = ab(run_fb(bn), run_fb(sbn), device, args.pairs)
+            fo = ab(run_f(bn), run_f(sbn), device, args.pairs)
+            row = {"set": tag, "shape": list(shape), "estimator": name, "spec": spec.describe(),
+                   "fwd_bwd": fb, "fwd": fo}
+            rows.append(row)
+            print(f"{tag[:9] + ' ' + 'x'.join(map(str, shape)):24s} {name:12s} {fb['a_ms']:12.2f} {fb['b_ms']:10.2f} "
+                  f"{fb['speedup']:6.2f} {fb['spread'][0]:5.2f}-{fb['spread'][1]:<5.2f} {fo['a_ms']:11.2f} "
+                  f"{fo['b_ms']:9.2f} {fo['speedup']:6.2f}", flush=True)
+    summary = {}
+    for name in ests:
+        r = [x for x in rows if x["estimator"] == name]
+        summary[name] = {"fwd_bwd_geomean": _geomean([x["fwd_bwd"]["speedup"] for x in r]),
+                         "fwd_geomean": _geomean([x["fwd"]["speedup"] for x in r])}
+    print("\ngeometric-mean speedup over the shapes (native time / fxbns time):")
+    for name, s in summary.items():
+        print(f"  {name:12s} fwd+bwd {s['fwd_bwd_geomean']:.2f}x   fwd-only {s['fwd_geomean']:.2f}x")
+    return {"mode": "layer", "rows": rows, "summary": summary}
+
+
+# --------------------------------------------------------------------------------------------- train
+TRAIN_MODELS = {
+    "resnet18": ("resnet18", 64, 32),
+    "resnet50": ("resnet50", 16, 64),
+    "mobilenet_v2": ("mobilenet_v2", 32, 64),
+    "densenet121": ("densenet121", 16, 64),
+    "efficientnet_b0": ("efficientnet_b0", 16, 96),
+}
+
+
+def _bn_share(model, x, y) -> float:
+    """Share of a training step's self CPU time spent in batch-norm ops (torch.profiler)."""
+    import torch.nn.functional as F
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.is_cuda else [])
+    with profile(activities=acts) as prof:
+        for _ in range(2):
+            F.cross_entropy(model(x), y).backward()
+    total = bn = 0.0
+    for e in prof.key_averages():
+        if e.key.startswith("ProfilerStep"):
+            continue
+        t = e.self_cpu_time_total if not x.is_cuda else getattr(e, "self_device_time_total", 0)
+        total += t
+        if "batch_norm" in e.key:
+            bn += t
+    return bn / total if total else float("nan")
+
+
+def bench_train(args) -> dict:
+    import torch
+    import torch.nn.functional as F
+    import torchvision
+
+    import fxbns
+    from fxbns import Policy
+
+    device = torch.device(args.device)
+    names = args.models.split(",")
+    policies = {p: Policy.from_preset(p.split("_")[0]) for p in args.presets.split(",")}
+    for p, pol in policies.items():
+        if p.endswith("_sb"):
+            pol.default = type(pol.default)(**{**pol.default.__dict__, "sample_backward": True})
+    rows = []
+    for name in names:
+        arch, batch, size = TRAIN_MODELS[name]
+        if args.batch:
+            batch = args.batch
+        if args.size:
+            size = args.size
+        torch.manual_seed(0)
+        base = torchvision.models.get_model(arch, weights=None, num_classes=100).to(device)
+        x = torch.randn(batch, 3, size, size, device=device)
+        y = torch.randint(0, 100, (batch,), device=device)
+        share = _bn_share(base, x, y)
+        for mode in args.modes.split(","):
+            for pname, pol in policies.items():
+                orig = copy.deepcopy(base)
+                gm = fxbns.transform(copy.deepcopy(base), pol, example_inputs=x[:2])
+                ma, mb = (orig, gm) if mode == "eager" else (torch.compile(orig), torch.compile(gm))
+                oa = torch.optim.SGD(orig.parameters(), lr=1e-3, momentum=0.9)
+                ob = torch.optim.SGD(gm.parameters(), lr=1e-3, momentum=0.9)
+
+                def step(m, opt, x=x, y=y):
+                    def f():
+                        opt.zero_grad(set_to_none=True)
+                        F.cross_entropy(m(x), y).backward()
+                        opt.step()
+                    return f
+
+                r = ab(step(ma, oa), step(mb, ob), device, args.pairs, warmup=3 if mode == "eager" else 5)
+                mem = _peak_memory(step(ma, oa), step(mb, ob), device)
+                layer_x = args.layer_speedup
+                bound = 1 / (1 - share * (1 - 1 / layer_x)) if layer_x else None
+                row = {"model": name, "batch": batch, "size": size, "mode": mode, "preset": pname,
+                       "native_ms": r["a_ms"], "fxbns_ms": r["b_ms"], "speedup": r["speedup"], "spread": r["spread"],
+                       "bn_share": share, "bound_at_layer_speedup": [layer_x, bound], **mem}
+                rows.append(row)
+                b = f"{bound:.3f}" if bound else "-"
+                print(f"{name:16s} {batch}x3x{size}x{size} {mode:7s} {pname:7s} native {r['a_ms']:8.1f} ms  fxbns "
+                      f"{r['b_ms']:8.1f} ms  {r['speedup']:.3f}x [{r['spread'][0]:.2f}-{r['spread'][1]:.2f}]  "
+                      f"BN share {100 * share:4.1f}%  bound {b}  peak mem {mem['mem_ratio']:.3f}x", flush=True)
+    return {"mode": "train", "rows": rows}
+
+
+def _peak_memory(fa, fb, device) -> dict:
+    """Peak memory of one step each: CUDA max_memory_allocated, or the CPU profiler's peak allocation."""
+    import torch
+
+    def peak(fn):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            return torch.cuda.max_memory_allocated()
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        cur = top = 0
+        for ev in sorted(prof.events(), key=lambda e: e.time_range.start):
+            cur += ev.cpu_memory_usage if ev.cpu_memory_usage is not None else 0
+            top = max(top, cur)
+        return top
+
+    a, b = peak(fa), peak(fb)
+    return {"native_peak_bytes": a, "fxbns_peak_bytes": b, "mem_ratio": b / a if a else float("nan")}
+
+
+# --------------------------------------------------------------------------------------------- onnx
+def bench_onnx(args) -> dict:
+    import tempfile
+
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    import torchvision
+
+    import fxbns
+
+    rows = []
+    folder = tempfile.mkdtemp(prefix="fxbns-bench-")
+    for name in args.models.split(","):
+        arch, _, size = TRAIN_MODELS[name]
+        torch.manual_seed(0)
+        model = torchvision.models.get_model(arch, weights=None, num_classes=100).eval()
+        gm = fxbns.transform(model, "fs")
+        gm.eval()
+        x = torch.randn(2, 3, size, size)
+        paths = {}
+        for fold in (False, True):
+            r = fxbns.export_onnx(gm, x, os.path.join(folder, f"{name}-{fold}.onnx"), fold=fold)
+            paths[fold] = (r.path, r.onnx_nodes)
+        sess = {f: ort.InferenceSession(p, providers=fxbns.export.ort_providers()) for f, (p, _) in paths.items()}
+        for batch in (1, 32):
+            xb = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
+
+            def runner(s, xb=xb):
+                return lambda: s.run(None, {s.get_inputs()[0].name: xb})
+
+            r = ab(runner(sess[False]), runner(sess[True]), torch.device("cpu"), args.pairs, warmup=5)
+            rows.append({"model": name, "size": size, "batch": batch, "unfolded_ms": r["a_ms"], "folded_ms": r["b_ms"],
+                         "speedup": r["speedup"], "spread": r["spread"], "nodes_unfolded": paths[False][1],
+                         "nodes_folded": paths[True][1]})
+            print(f"{name:16s} batch {batch:3d} {size}x{size}  unfolded {r['a_ms']:8.2f} ms ({paths[False][1]} nodes)  "
+                  f"folded {r['b_ms']:8.2f} ms ({paths[True][1]} nodes)  {r['speedup']:.3f}x "
+                  f"[{r['spread'][0]:.2f}-{r['spread'][1]:.2f}]", flush=True)
+    return {"mode": "onnx", "rows": rows, "providers": fxbns.export.ort_providers()}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", choices=["layer", "train", "onnx"])
+    ap.add_argument("--device", default="cuda" if os.environ.get("FXBNS_BENCH_CUDA") else "cpu")
+    ap.add_argument("--pairs", type=int, default=10, help="interleaved A/B pairs (default 10)")
+    ap.add_argument("--allocator", choices=["tuned", "default"], default="tuned")
+    ap.add_argument("--out", help="JSON record path (default bench-results/<mode>-<time>.json)")
+    ap.add_argument("--quick", action="store_true", help="layer: 4 shapes only")
+    ap.add_argument("--estimators", default="bs,bs_sb,fs,fs_sb", help="layer: comma-separated")
+    ap.add_argument("--models", default="resnet18,resnet50,mobilenet_v2,densenet121,efficientnet_b0")
+    ap.add_argument("--presets", default="bs,bs_sb,fs,fs_sb", help="train: presets, _sb = sample_backward on")
+    ap.add_argument("--modes", default="eager,compile", help="train: eager and/or compile")
+    ap.add_argument("--batch", type=int, help="train: batch size for every model (default: per model)")
+    ap.add_argument("--size", type=int, help="train: input size for every model (default: per model)")
+    ap.add_argument("--layer-speedup", type=float, default=2.0,
+                    help="train: per-layer speedup used for the upper bound (default 2.0, the pass-count limit)")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    _ensure_allocator(args.allocator)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.mode == "onnx" and args.models == ap.get_default("models"):
+        args.models = "resnet18,mobilenet_v2"
+    t0 = time.time()
+    record = {"layer": bench_layer, "train": bench_train, "onnx": bench_onnx}[args.mode](args)
+    record.update({"machine": _machine(), "command": " ".join(["python", "tools/bench.py", *sys.argv[1:]]),
+                   "date": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(time.time() - t0, 1)})
+    print(f"\nrecord: {_write(args.mode, record, args.out)} ({record['machine']['allocator']})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
