@@ -35,8 +35,8 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _cshape(t: torch.Tensor, g: Group, ndim: int) -> torch.Tensor:
-    """Reshape a per-channel vector to broadcast against a gathered sample (channel dim 1)."""
+def _cshape(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Reshape a per-channel vector to broadcast against an (N, C, ...) tensor."""
     return t.reshape([1, -1] + [1] * (ndim - 2))
 
 
@@ -45,17 +45,20 @@ def _rdims(ndim: int) -> list[int]:
 
 
 def sample_moments(x: torch.Tensor, groups: list[Group]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """Pooled (mean, biased var) per channel in float32/float64, and the gathered samples."""
+    """Pooled (mean, biased var) per channel in float32 (float64 for float64 input), and the gathered samples.
+
+    Two passes over the (small) sample: the sum, then the sum of squared deviations, so the variance
+    keeps its precision when the mean is large against the spread.
+    """
     acc = _acc_dtype(x)
-    xs = [gather(x, g).to(acc) for g in groups]
+    xs = [gather(x, g) for g in groups]
     mean = None
     for g, s in zip(groups, xs):
-        m = s.sum(_rdims(s.ndim)) * (g.weight / g.count)
+        m = s.sum(_rdims(s.ndim), dtype=acc) * (g.weight / g.count)
         mean = m if mean is None else mean + m
     var = None
     for g, s in zip(groups, xs):
-        c = s - _cshape(mean, g, s.ndim)
-        v = (c * c).sum(_rdims(s.ndim)) * (g.weight / g.count)
+        v = torch.sub(s, _cshape(mean, s.ndim)).square_().sum(_rdims(s.ndim)) * (g.weight / g.count)
         var = v if var is None else var + v
     return mean, var, xs
 
@@ -66,60 +69,56 @@ class _SampledBatchNorm(torch.autograd.Function):
         mean, var, xs = sample_moments(x, groups)
         p = weight.dtype if weight is not None else mean.dtype
         y = F.batch_norm(x, mean.to(p), var.to(p), weight, bias, False, 0.0, eps)
-        invstd = torch.rsqrt(var + eps)
         ctx.groups = groups
         ctx.eps = eps
         ctx.sample_backward = sample_backward
-        ctx.has_weight = weight is not None
-        ctx.has_bias = bias is not None
         ctx.x_shape = x.shape
-        ctx.x_dtype = x.dtype
         ctx.mark_non_differentiable(mean, var)
-        if sample_backward:
-            ctx.save_for_backward(weight, mean, var, invstd, *xs)
-        else:
-            ctx.save_for_backward(weight, mean, var, invstd, x, *xs)
+        saved = [weight, mean, var] + ([] if sample_backward else [x]) + xs
+        ctx.save_for_backward(*saved)
         return y, mean, var
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):
         groups: list[Group] = ctx.groups
-        weight, mean, var, invstd = ctx.saved_tensors[:4]
-        C = mean.shape[0]
+        weight, mean, var = ctx.saved_tensors[:3]
+        nd = len(ctx.x_shape)
+        invstd = torch.rsqrt(var + ctx.eps)
         gamma = weight.to(mean.dtype) if weight is not None else torch.ones_like(mean)
+        gi = gamma * invstd
         dy = dy.contiguous(memory_format=_memory_format(dy))
         if ctx.sample_backward:
-            xs = ctx.saved_tensors[4:]
-            g0, s0 = groups[0], xs[0]
-            dys = gather(dy, g0).to(mean.dtype)
-            xhat = (s0 - _cshape(mean, g0, s0.ndim)) * _cshape(invstd, g0, s0.ndim)
-            red = _rdims(s0.ndim)
+            (xs0,) = ctx.saved_tensors[3:]
+            g0 = groups[0]
+            dys = gather(dy, g0)
+            red = _rdims(xs0.ndim)
             total = g0.length
             for s in ctx.x_shape[2:]:
                 total *= s
             scale = total / g0.count
-            sum_dy = dys.sum(red) * scale
-            sum_dyx = (dys * xhat).sum(red) * scale
-            bshape = [1, C] + [1] * (len(ctx.x_shape) - 2)
-            dx = dy * (gamma * invstd).to(dy.dtype).reshape(bshape)
-            xhats = [xhat]
+            sdy_s = dys.sum(red, dtype=mean.dtype)
+            sdyx_s = (dys.to(mean.dtype) * xs0).sum(red)
+            sum_dy = sdy_s * scale
+            sum_dyx = (sdyx_s - mean * sdy_s) * invstd * scale  # sum(dy * xhat) over the sample, scaled
+            dx = dy * _cshape(gi.to(dy.dtype), nd)
+            xs = [xs0]
         else:
-            x = ctx.saved_tensors[4]
-            xs = ctx.saved_tensors[5:]
-            w = weight if weight is not None else torch.ones(C, dtype=mean.dtype, device=mean.device)
+            x = ctx.saved_tensors[3]
+            xs = ctx.saved_tensors[4:]
+            w = weight if weight is not None else torch.ones_like(mean)
             p = w.dtype
             dx, sum_dyx, sum_dy = torch.ops.aten.native_batch_norm_backward(
                 dy, x, w, mean.to(p), var.to(p), None, None, False, ctx.eps, [True, True, True])
             sum_dy = sum_dy.to(mean.dtype)
             sum_dyx = sum_dyx.to(mean.dtype)
-            xhats = [(s - _cshape(mean, g, s.ndim)) * _cshape(invstd, g, s.ndim) for g, s in zip(groups, xs)]
-        gi = gamma * invstd
-        for g, xh in zip(groups, xhats):
-            nd = xh.ndim
-            corr = (_cshape(sum_dy, g, nd) + xh * _cshape(sum_dyx, g, nd)) * _cshape(gi * (-g.weight / g.count), g, nd)
-            scatter_add_(dx, g, corr)
+        # statistics' term, sampled elements only: corr = -gi * a * (sum_dy + xhat * sum_dyx) = B * x + A
+        for g, s in zip(groups, xs):
+            a = g.weight / g.count
+            B = gi * invstd * sum_dyx * (-a)
+            A = gi * sum_dy * (-a) - B * mean
+            scatter_add_(dx, g, torch.addcmul(_cshape(A, s.ndim), s, _cshape(B, s.ndim)))
         dw = sum_dyx.to(weight.dtype) if (weight is not None and ctx.needs_input_grad[1]) else None
-        db = sum_dy.to(weight.dtype if weight is not None else mean.dtype) if (ctx.has_bias and ctx.needs_input_grad[2]) else None
+        db = sum_dy.to(weight.dtype if weight is not None else mean.dtype) if ctx.needs_input_grad[2] else None
         return dx, dw, db, None, None, None
 
 

@@ -171,14 +171,13 @@ def train_forward(input, n_real, spec, weight, bias, running_mean, running_var, 
         if running_mean is not None:
             n = sum(g.count for g in groups)
             unbiased = var * (n / (n - 1)) if n > 1 else var
-            rm, rv = running_mean, running_var
-            if momentum is None:
-                f = 1.0 / num_batches_tracked.to(rm.dtype)
-                rm.mul_(1 - f).add_(mean.to(rm.dtype) * f)
-                rv.mul_(1 - f).add_(unbiased.to(rv.dtype) * f)
+            if momentum is None:  # cumulative moving average, as nn.BatchNorm with momentum=None
+                f = 1.0 / num_batches_tracked.to(running_mean.dtype)
+                running_mean.lerp_(mean.to(running_mean.dtype), f)
+                running_var.lerp_(unbiased.to(running_var.dtype), f)
             else:
-                rm.mul_(1 - momentum).add_(mean.to(rm.dtype), alpha=momentum)
-                rv.mul_(1 - momentum).add_(unbiased.to(rv.dtype), alpha=momentum)
+                running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+                running_var.lerp_(unbiased.to(running_var.dtype), momentum)
     return y
 
 

@@ -42,7 +42,7 @@ def random_ints(step: torch.Tensor, seed: int, count: int) -> torch.Tensor:
     h = (h + key) % _M
     i = torch.arange(count, device=step.device, dtype=torch.int64)
     h = (h + i * 40014) % _M
-    for _ in range(4):
+    for _ in range(2):
         h = (h * 48271 + 11) % _M
         h = torch.bitwise_xor(h, torch.bitwise_right_shift(h, 9))
     return h

@@ -4,6 +4,7 @@
     python tools/bench.py layer   # nn.BatchNorm2d vs each estimator, per BN shape (fwd+bwd and fwd-only)
     python tools/bench.py train   # per-step training time, original vs transformed model
     python tools/bench.py onnx    # onnxruntime latency, folded vs unfolded export
+    python tools/bench.py transform  # how long fxbns.transform takes per model
 
 Method (../shared/MEASURING.md): A and B interleaved in one process after warm-up; medians, the median of
 the per-pair ratios and its min-max spread; never constant inputs.  ``--allocator tuned`` (default) runs with
@@ -325,9 +326,36 @@ def bench_onnx(args) -> dict:
     return {"mode": "onnx", "rows": rows, "providers": fxbns.export.ort_providers()}
 
 
+# --------------------------------------------------------------------------------------------- transform
+def bench_transform(args) -> dict:
+    """Wall time of fxbns.transform (trace + match + plan + rewrite) per model: median of --pairs runs."""
+    import torch
+    import torchvision
+
+    import fxbns
+
+    rows = []
+    for name in args.models.split(","):
+        arch, _, size = TRAIN_MODELS[name]
+        model = torchvision.models.get_model(arch, weights=None, num_classes=100)
+        times = {}
+        for with_shapes in (False, True):
+            x = torch.randn(2, 3, size, size) if with_shapes else None
+            ts = []
+            for _ in range(max(3, args.pairs)):
+                t0 = time.perf_counter()
+                fxbns.transform(model, "fs", example_inputs=x)
+                ts.append(time.perf_counter() - t0)
+            times[with_shapes] = statistics.median(ts)
+        rows.append({"model": name, "transform_s": times[False], "transform_with_example_inputs_s": times[True]})
+        print(f"{name:16s} transform {times[False]:.3f} s   with example_inputs (shape capture) {times[True]:.3f} s",
+              flush=True)
+    return {"mode": "transform", "rows": rows}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["layer", "train", "onnx"])
+    ap.add_argument("mode", choices=["layer", "train", "onnx", "transform"])
     ap.add_argument("--device", default="cuda" if os.environ.get("FXBNS_BENCH_CUDA") else "cpu")
     ap.add_argument("--pairs", type=int, default=10, help="interleaved A/B pairs (default 10)")
     ap.add_argument("--allocator", choices=["tuned", "default"], default="tuned")
@@ -351,7 +379,8 @@ def main() -> int:
     if args.mode == "onnx" and args.models == ap.get_default("models"):
         args.models = "resnet18,mobilenet_v2"
     t0 = time.time()
-    record = {"layer": bench_layer, "train": bench_train, "onnx": bench_onnx}[args.mode](args)
+    record = {"layer": bench_layer, "train": bench_train, "onnx": bench_onnx,
+              "transform": bench_transform}[args.mode](args)
     record.update({"machine": _machine(), "command": " ".join(["python", "tools/bench.py", *sys.argv[1:]]),
                    "date": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(time.time() - t0, 1)})
     print(f"\nrecord: {_write(args.mode, record, args.out)} ({record['machine']['allocator']})")
