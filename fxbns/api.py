@@ -20,13 +20,14 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._version import __version__
-from .estimators import Exact, VirtualDataset
+from .estimators import Exact, FeatureSampling, VirtualDataset
 from .modules import FunctionalBatchNorm, SampledBatchNorm
 from .passes.match import Site, find_sites
 from .passes.rewrite import rewrite_graph, swap_modules
 from .passes.virtual import VIRTUAL_NAME, VirtualBatch, inject_graph, strip_virtual
 from .policy import Policy, resolve_policy
 from .report import Report, sample_size
+from .sampling import fs_fallback
 from .tracing import DualGraphModule, trace
 
 __all__ = ["transform", "explain", "report", "revert", "save", "load", "TransformInfo"]
@@ -130,6 +131,9 @@ def _rows(sites: list[Site], policy: Policy, virtual: bool) -> list[dict[str, An
     for s in sites:
         n, frac = sample_size(s.spec, s.shape)
         notes = list(s.notes)
+        fs = s.spec.real if isinstance(s.spec, VirtualDataset) else s.spec
+        if isinstance(fs, FeatureSampling) and s.shape is not None and len(s.shape) == 2:
+            notes.append(f"(N, C) input has no feature map: FS falls back to {fs_fallback(fs).describe()}")
         if s.spec is None and virtual and s.reason == "policy: exact":
             notes.append("statistics from the real rows only")
         rows.append({"name": s.name, "kind": s.kind, "module_type": s.module_type, "producer": s.producer,

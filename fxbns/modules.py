@@ -103,16 +103,19 @@ class SampledBatchNorm(_BatchNorm):
             return self.micro.estimator
         return self.estimator
 
+    def _resolve(self, input: torch.Tensor, n_real: int | None):
+        """(real rows, estimator) for this call; ``n_real`` falls back to the injector's shared state."""
+        if n_real is None:
+            vs = self._vstate
+            n_real = vs.n_real if (vs is not None and vs.n_real is not None) else input.shape[0]
+        return n_real, self.active_estimator(n_real)
+
     def forward(self, input: torch.Tensor, n_real: int | None = None) -> torch.Tensor:
         if not self.training:
             return super().forward(input)
         self._check_input_dim(input)
-        N = input.shape[0]
-        if n_real is None:
-            vs = self._vstate
-            n_real = vs.n_real if (vs is not None and vs.n_real is not None) else N
-        spec = self.active_estimator(n_real)
-        if isinstance(spec, Exact) and n_real == N:
+        n_real, spec = self._resolve(input, n_real)
+        if isinstance(spec, Exact) and n_real == input.shape[0]:
             return super().forward(input)
         return train_forward(input, n_real, spec, self.weight, self.bias, self.running_mean, self.running_var,
                              self.num_batches_tracked if self.track_running_stats else None, self._fxbns_step,
@@ -139,17 +142,14 @@ class FunctionalBatchNorm(nn.Module):
         return f"estimator={self.estimator.describe()}"
 
     active_estimator = SampledBatchNorm.active_estimator
+    _resolve = SampledBatchNorm._resolve
 
     def forward(self, input, running_mean=None, running_var=None, weight=None, bias=None, n_real=None):
-        if not self.training or (running_mean is None and isinstance(self.estimator, Exact) and self.micro is None):
-            use_batch = self.training or running_mean is None
-            return F.batch_norm(input, running_mean, running_var, weight, bias, use_batch, self.momentum, self.eps)
-        N = input.shape[0]
-        if n_real is None:
-            vs = self._vstate
-            n_real = vs.n_real if (vs is not None and vs.n_real is not None) else N
-        spec = self.active_estimator(n_real)
-        if isinstance(spec, Exact) and n_real == N:
+        if not self.training:  # the original call in eval: running statistics (batch statistics if there are none)
+            return F.batch_norm(input, running_mean, running_var, weight, bias, running_mean is None, self.momentum,
+                                self.eps)
+        n_real, spec = self._resolve(input, n_real)
+        if isinstance(spec, Exact) and n_real == input.shape[0]:
             return F.batch_norm(input, running_mean, running_var, weight, bias, True, self.momentum, self.eps)
         return train_forward(input, n_real, spec, weight, bias, running_mean, running_var, None, self._fxbns_step,
                              self.momentum, self.eps, self.seed)

@@ -197,6 +197,7 @@ def test_linear_bn1d_mlp_and_flat_fs_fallback():
     row = fxbns.report(gm).rows[0]
     assert row["producer"] == "linear" and row["shape"] == [32, 16]
     assert row["sample"] == 2 and row["fraction"] == pytest.approx(1 / 16)  # FS on (N, C) -> 1/16 of the rows
+    assert "falls back to bs(ratio=0.0625)" in row["reason"]
     m.eval()
     gm.eval()
     assert torch.equal(gm(x), m(x))

@@ -114,6 +114,7 @@ def layer_estimators(names: list[str]):
     table = {
         "bs": BatchSampling(ratio=1 / 8),
         "bs_sb": BatchSampling(ratio=1 / 8, sample_backward=True),
+        "bs_random": BatchSampling(ratio=1 / 8, draw="random"),
         "fs": FeatureSampling(area_ratio=1 / 16, layout="grid", per_sample=True),
         "fs_sb": FeatureSampling(area_ratio=1 / 16, layout="grid", per_sample=True, sample_backward=True),
         "fs_patch": FeatureSampling(area_ratio=1 / 16),
