@@ -394,3 +394,21 @@ def test_inplace_and_non_inplace():
     assert type(m[1]) is nn.BatchNorm2d  # the original is untouched
     gm = fxbns.transform(m, "fs", inplace=True)
     assert isinstance(m[1], SampledBatchNorm) and gm.get_submodule("1") is m[1]
+
+
+def test_virtual_samples_data_distribution_and_fixed_shape():
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))
+    pol = Policy(VirtualDataset(num_samples=64, distribution="data", seed=3))
+    x = torch.randn(8, 3, 6, 6) * torch.tensor([1.0, 5.0, 0.5]).view(1, 3, 1, 1) + torch.tensor([2.0, -3.0, 0.0]).view(
+        1, 3, 1, 1)
+    gm = fxbns.transform(m, pol, example_inputs=x)
+    v = gm.get_buffer("_fxbns_virtual.samples")
+    assert v.shape == (64, 3, 6, 6)
+    torch.testing.assert_close(v.mean((0, 2, 3)), x.mean((0, 2, 3)), atol=0.3, rtol=0.1)
+    torch.testing.assert_close(v.std((0, 2, 3)), x.std((0, 2, 3)), atol=0.1, rtol=0.1)
+    gm.train()
+    with pytest.raises(ValueError, match="fixed input size"):
+        gm(torch.randn(8, 3, 7, 7))
+    # the same seed gives the same virtual samples
+    g2 = fxbns.transform(m, pol, example_inputs=x)
+    assert torch.equal(g2.get_buffer("_fxbns_virtual.samples"), v)
