@@ -74,8 +74,9 @@ class _SampledBatchNorm(torch.autograd.Function):
         ctx.sample_backward = sample_backward
         ctx.x_shape = x.shape
         ctx.mark_non_differentiable(mean, var)
-        saved = [weight, mean, var] + ([] if sample_backward else [x]) + xs
-        ctx.save_for_backward(*saved)
+        # without sample_backward the backward needs x (as native BN does) and re-gathers the sample from it
+        # rather than keeping a second copy: peak memory stays native's
+        ctx.save_for_backward(weight, mean, var, *(xs if sample_backward else [x]))
         return y, mean, var
 
     @staticmethod
@@ -104,7 +105,7 @@ class _SampledBatchNorm(torch.autograd.Function):
             xs = [xs0]
         else:
             x = ctx.saved_tensors[3]
-            xs = ctx.saved_tensors[4:]
+            xs = [gather(x, g) for g in groups]
             w = weight if weight is not None else torch.ones_like(mean)
             p = w.dtype
             dx, sum_dyx, sum_dy = torch.ops.aten.native_batch_norm_backward(
