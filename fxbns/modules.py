@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .estimators import BatchSampling, Exact, FeatureSampling, MicroBatch, VirtualDataset
+from .estimators import Exact, MicroBatch
 from .functional import sampled_batch_norm
 from .sampling import build_groups
 
@@ -180,6 +180,3 @@ def train_forward(input, n_real, spec, weight, bias, running_mean, running_var, 
                 running_var.lerp_(unbiased.to(running_var.dtype), momentum)
     return y
 
-
-def is_sampled(spec) -> bool:
-    return isinstance(spec, (BatchSampling, FeatureSampling, VirtualDataset))

@@ -65,7 +65,7 @@ def test_fold_alone_and_refuses_training():
     assert r.folded == ["1", "5"] and r.nodes_after == r.nodes_before - 2
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in r.module.modules())
     with torch.no_grad():
-        torch.testing.assert_close(r.module(x), gm(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(r.module(x), gm(x), rtol=1e-4, atol=1e-4)  # folding re-rounds: the export tolerance
 
 
 def test_fold_skips_what_cannot_fold():
