@@ -135,7 +135,7 @@ def _plot(results) -> None:
         axes[0].plot(ns, [results[p][name]["mean_rel_err"] for p in pts], marker="o", label=name)
         axes[1].plot(ns, [results[p][name]["var_rel_err"] for p in pts], marker="o", label=name)
     ns = [results[p]["patch, shared offset"]["n"] for p in pts]
-    axes[0].plot(ns, [results[p]["patch, shared offset"]["iid_mean_rel_err"] for p in pts], "k--", label="iid bound")
+    axes[0].plot(ns, [results[p]["patch, shared offset"]["iid_mean_rel_err"] for p in pts], "k--", label="iid values (expected error)")
     for ax, t in zip(axes, ["mean: |error| / sigma", "variance: |error| / var"]):
         ax.set_xscale("log")
         ax.set_yscale("log")
