@@ -5,6 +5,7 @@
     python tools/bench.py train   # per-step training time, original vs transformed model
     python tools/bench.py onnx    # onnxruntime latency, folded vs unfolded export
     python tools/bench.py transform  # how long fxbns.transform takes per model
+    python tools/bench.py kernels    # the primitives of a BN layer on one shape (where the time goes)
 
 Method (../shared/MEASURING.md): A and B interleaved in one process after warm-up; medians, the median of
 the per-pair ratios and its min-max spread; never constant inputs.  ``--allocator tuned`` (default) runs with
@@ -361,9 +362,57 @@ def bench_transform(args) -> dict:
     return {"mode": "transform", "rows": rows}
 
 
+# --------------------------------------------------------------------------------------------- kernels
+def bench_kernels(args) -> dict:
+    """The primitives a BN layer is made of, on one shape: where the time of native and sampled BN goes."""
+    import torch
+    import torch.nn.functional as F
+
+    from fxbns import BatchSampling, FeatureSampling
+    from fxbns.sampling import build_groups, gather, scatter_add_
+
+    shape = tuple(int(v) for v in args.shape.split("x"))
+    C = shape[1]
+    torch.manual_seed(0)
+    x, dy = torch.randn(shape), torch.randn(shape)
+    w, m, v = torch.rand(C), torch.zeros(C), torch.ones(C)
+    step = torch.tensor(3)
+    bs = build_groups(BatchSampling(ratio=1 / 8), shape, shape[0], 0, step, 1)[0]
+    fs = build_groups(FeatureSampling(area_ratio=1 / 16, layout="grid", per_sample=True), shape, shape[0], 0, step, 1)[0]
+    xs_bs, xs_fs = gather(x, bs), gather(x, fs)
+    dx_buf = torch.randn(shape)
+    d = [0, 2, 3]
+    ops = {
+        "native BN forward (training)": lambda: F.batch_norm(x, m.clone(), v.clone(), w, None, True),
+        "native BN backward (training)": lambda: torch.ops.aten.native_batch_norm_backward(
+            dy, x, w, None, None, m, v, True, 1e-5, [True, True, True]),
+        "eval-mode BN forward (one normalise pass)": lambda: F.batch_norm(x, m, v, w, None, False),
+        "eval-mode BN backward (dx and both sums)": lambda: torch.ops.aten.native_batch_norm_backward(
+            dy, x, w, m, v, None, None, False, 1e-5, [True, True, True]),
+        "dy * scale (sample_backward dx)": lambda: dy * w.view(1, -1, 1, 1),
+        "gather BS sample (1/8, whole rows)": lambda: gather(x, bs),
+        "gather FS sample (1/16, grid, per-sample)": lambda: gather(x, fs),
+        "scatter FS statistics term into dx": lambda: scatter_add_(dx_buf, fs, xs_fs),
+        "sum over (N,H,W) of the BS sample": lambda: xs_bs.sum(d),
+        "var_mean over (N,H,W) of the BS sample": lambda: torch.var_mean(xs_bs, d, correction=0),
+    }
+    rows = []
+    for name, fn in ops.items():
+        for _ in range(3):
+            fn()
+        ts = []
+        for _ in range(max(5, args.pairs)):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        rows.append({"op": name, "ms": 1e3 * statistics.median(ts)})
+        print(f"{name:45s} {rows[-1]['ms']:8.2f} ms", flush=True)
+    return {"mode": "kernels", "shape": list(shape), "rows": rows}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["layer", "train", "onnx", "transform"])
+    ap.add_argument("mode", choices=["layer", "train", "onnx", "transform", "kernels"])
     ap.add_argument("--device", default="cuda" if os.environ.get("FXBNS_BENCH_CUDA") else "cpu")
     ap.add_argument("--pairs", type=int, default=10, help="interleaved A/B pairs (default 10)")
     ap.add_argument("--allocator", choices=["tuned", "default"], default="tuned")
@@ -377,6 +426,7 @@ def main() -> int:
     ap.add_argument("--size", type=int, help="train: input size for every model (default: per model)")
     ap.add_argument("--layer-speedup", type=float, default=2.0,
                     help="train: per-layer speedup used for the upper bound (default 2.0, the pass-count limit)")
+    ap.add_argument("--shape", default="64x512x28x28", help="kernels: the BN input shape")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-memory", action="store_true", help="train: skip the peak-memory subprocess runs")
     args = ap.parse_args()
@@ -388,8 +438,8 @@ def main() -> int:
     if args.mode == "onnx" and args.models == ap.get_default("models"):
         args.models = "resnet18,mobilenet_v2"
     t0 = time.time()
-    record = {"layer": bench_layer, "train": bench_train, "onnx": bench_onnx,
-              "transform": bench_transform}[args.mode](args)
+    record = {"layer": bench_layer, "train": bench_train, "onnx": bench_onnx, "transform": bench_transform,
+              "kernels": bench_kernels}[args.mode](args)
     record.update({"machine": _machine(), "command": " ".join(["python", "tools/bench.py", *sys.argv[1:]]),
                    "date": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(time.time() - t0, 1)})
     print(f"\nrecord: {_write(args.mode, record, args.out)} ({record['machine']['allocator']})")
