@@ -126,7 +126,7 @@ def _virtual_config(policy: Policy, sites: list[Site]) -> tuple[VirtualBatch | N
     return vb, vb.extra_repr()
 
 
-def _rows(sites: list[Site], policy: Policy, virtual: bool) -> list[dict[str, Any]]:
+def _rows(sites: list[Site], virtual: bool) -> list[dict[str, Any]]:
     rows = []
     for s in sites:
         n, frac = sample_size(s.spec, s.shape)
@@ -145,8 +145,8 @@ def _rows(sites: list[Site], policy: Policy, virtual: bool) -> list[dict[str, An
 
 
 def _make_report(traced, sites, policy, virtual_desc) -> Report:
-    return Report(_rows(sites, policy, virtual_desc is not None), "graph" if traced.graph is not None else "swap",
-                  {k: v for k, v in traced.opaque.items()}, traced.root_error, virtual_desc,
+    return Report(_rows(sites, virtual_desc is not None), "graph" if traced.graph is not None else "swap",
+                  dict(traced.opaque), traced.root_error, virtual_desc,
                   f"batch <= {policy.micro.threshold}: {policy.micro.estimator.describe()}" if policy.micro else None)
 
 

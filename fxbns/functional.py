@@ -25,6 +25,8 @@ True
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -93,10 +95,7 @@ class _SampledBatchNorm(torch.autograd.Function):
             g0 = groups[0]
             dys = gather(dy, g0)
             red = _rdims(xs0.ndim)
-            total = g0.length
-            for s in ctx.x_shape[2:]:
-                total *= s
-            scale = total / g0.count
+            scale = g0.length * math.prod(ctx.x_shape[2:]) / g0.count
             sdy_s = dys.sum(red, dtype=mean.dtype)
             sdyx_s = (dys.to(mean.dtype) * xs0).sum(red)
             sum_dy = sdy_s * scale

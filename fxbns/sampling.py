@@ -22,6 +22,7 @@ A sample is a list of :class:`Group` s.  Each group covers a block of rows ``[st
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -159,9 +160,7 @@ def _fs_group(spec: FeatureSampling, shape: tuple[int, ...], start: int, n: int,
     if not spatial:
         return _bs_group(fs_fallback(spec), start, n, 1, step, seed, weight)
     pts = spec.points(spatial)
-    count_per_row = 1
-    for p in pts:
-        count_per_row *= p
+    count_per_row = math.prod(pts)
     if pts == spatial:
         return Group(start, n, weight, n * count_per_row)
     k = len(spatial)
@@ -182,9 +181,7 @@ def _fs_group(spec: FeatureSampling, shape: tuple[int, ...], start: int, n: int,
 
 
 def _real_group(spec, shape, n_real, step, seed, weight) -> Group:
-    elems = 1
-    for s in shape[2:]:
-        elems *= s
+    elems = math.prod(shape[2:])
     if isinstance(spec, BatchSampling):
         return _bs_group(spec, 0, n_real, elems, step, seed, weight)
     if isinstance(spec, FeatureSampling):
@@ -206,10 +203,7 @@ def build_groups(spec, shape: tuple[int, ...], n_real: int, n_virtual: int, step
                 "virtual batch could not be injected at the model input (for example a BatchNorm inside a "
                 "module called outside the traced graph). Use a BS or FS estimator for this layer "
                 "(Policy.set_module_name(name, ...)).")
-        elems = 1
-        for s in shape[2:]:
-            elems *= s
-        vg = Group(n_real, n_virtual, float(spec.mix), n_virtual * elems)
+        vg = Group(n_real, n_virtual, float(spec.mix), n_virtual * math.prod(shape[2:]))
         if spec.mix >= 1:
             return [vg]
         return [_real_group(spec.real, shape, n_real, step, seed, 1.0 - float(spec.mix)), vg]

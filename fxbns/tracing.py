@@ -84,8 +84,7 @@ def trace(model: nn.Module, leaf_modules: Iterable[str] = (), concrete_args=None
     """Trace ``model`` in train and eval mode (restoring its mode after)."""
     leaves = set(leaf_modules)
     opaque = {name: "listed in leaf_modules" for name in leaves}
-    was_training = model.training
-    modes = {m: m.training for m in model.modules()}
+    modes = {m: m.training for m in model.modules()}  # the root included
     try:
         model.train(True)
         g_train = _trace_mode(model, leaves, opaque, concrete_args)
@@ -98,7 +97,6 @@ def trace(model: nn.Module, leaf_modules: Iterable[str] = (), concrete_args=None
     finally:
         for m, t in modes.items():
             m.training = t
-        model.training = was_training
     same = g_train.python_code("self").src == g_eval.python_code("self").src
     return TraceResult(g_train, None if same else g_eval, opaque)
 
