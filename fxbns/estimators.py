@@ -87,8 +87,11 @@ class FeatureSampling:
 
     Give ``patch=(h, w)`` (one entry per spatial dim) or ``area_ratio`` (fraction of the map).
     ``layout="patch"``: one contiguous window at a random position.  ``layout="grid"``: the same
-    number of points on a strided lattice spread over the map.  ``per_sample=True``: every sample
-    has its own random offset.  Neither given: ``area_ratio=1/16``.
+    number of points on a strided lattice spread over the map.  ``layout="band"``: the same number of
+    points as one contiguous run of the flattened map (whole rows and parts of rows, in memory order),
+    the layout that is cheapest to read.  ``per_sample=True``: every sample has its own random offset
+    (for ``band``: the batch's bands are spread evenly from the top of the map to the bottom, at a random
+    shift).  Neither given: ``area_ratio=1/16``.
     """
 
     patch: tuple[int, ...] | None = None
@@ -111,7 +114,8 @@ class FeatureSampling:
         if self.area_ratio is not None:
             _check(isinstance(self.area_ratio, (int, float)) and 0 < self.area_ratio <= 1, "FeatureSampling",
                    "area_ratio", "a number in (0, 1]", self.area_ratio)
-        _check(self.layout in ("patch", "grid"), "FeatureSampling", "layout", "'patch' or 'grid'", self.layout)
+        _check(self.layout in ("patch", "grid", "band"), "FeatureSampling", "layout", "'patch', 'grid' or 'band'",
+               self.layout)
         _check_bool("FeatureSampling", "per_sample", self.per_sample)
         _check_bool("FeatureSampling", "sample_backward", self.sample_backward)
 
@@ -128,6 +132,14 @@ class FeatureSampling:
             return tuple(min(a, s) for a, s in zip(p, spatial))
         side = self.area_ratio ** (1.0 / len(spatial))
         return tuple(max(1, min(s, math.ceil(side * s - 1e-9))) for s in spatial)
+
+    def band_length(self, spatial: tuple[int, ...]) -> int:
+        """Points per sample of the ``band`` layout on a map of size ``spatial``: the patch's area, or
+        ``ceil(area_ratio * map size)``; at least 1, at most the map."""
+        size = math.prod(spatial)
+        if self.patch is not None:
+            return math.prod(self.points(spatial))
+        return max(1, min(size, math.ceil(self.area_ratio * size - 1e-9)))
 
     def describe(self) -> str:
         size = f"patch={self.patch}" if self.patch is not None else f"area={self.area_ratio:g}"

@@ -122,6 +122,119 @@ class _SampledBatchNorm(torch.autograd.Function):
         return dx, dw, db, None, None, None
 
 
+_bn_backward = torch.ops.aten.native_batch_norm_backward.default
+
+
+def _takes_view(g: Group) -> bool:
+    """The group's sample is a view of the tensor (no index tensors): take it again instead of keeping it."""
+    return g.view is not None or (g.rows is None and g.pos is None)
+
+
+class _FusedSampledBatchNorm(torch.autograd.Function):
+    """One sample group in float32/float64: each step is one fused aten kernel.
+
+    forward:  ``batch_norm_update_stats`` on the sample (mean, biased var, and the running statistics
+              with the sample's n/(n-1)), then the eval-mode batch-norm kernel on the whole input;
+    backward: the eval-mode batch-norm backward (``dx = gamma * invstd * dy`` and both full sums in one
+              kernel), or with ``sample_backward`` the same kernel on the sample for the two sums and
+              one scaled copy of ``dy``; then the statistics' term on the sample, in place.
+    When the sample is a strided view (drawn on the host), nothing is gathered or scattered and the
+    backward keeps only ``x``, as native batch norm does.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, group, eps, sample_backward, running_mean, running_var, momentum):
+        xs = gather(x, group)
+        is_view = _takes_view(group)
+        # the stats kernel is slow on a strided view with short inner runs; a copy of the (small) sample is not
+        st = xs if (xs.shape[-1] >= 16 or xs.is_contiguous()) else xs.contiguous()
+        mean, var = torch.batch_norm_update_stats(st, running_mean, running_var, momentum)
+        y = torch.native_batch_norm(x, weight, bias, mean, var, False, 0.0, eps)[0]
+        ctx.group = group
+        ctx.eps = eps
+        ctx.sample_backward = sample_backward
+        ctx.mark_non_differentiable(mean, var)
+        ctx.is_view = is_view
+        # where the sample sits inside x, to take the same view of dy and dx (same strides as x)
+        ctx.geom = (xs.shape, xs.stride(), xs.storage_offset() - x.storage_offset(), x.stride()) if is_view else None
+        ctx.full = x.numel() // x.shape[1]
+        if is_view or not sample_backward:
+            ctx.save_for_backward(x, weight, mean, var)
+        else:  # a gathered sample: keep the small copy instead of x
+            ctx.save_for_backward(xs, weight, mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar):
+        g: Group = ctx.group
+        xx, weight, mean, var = ctx.saved_tensors
+        eps = ctx.eps
+        geom = ctx.geom
+        w = weight if weight is not None else torch.ones_like(mean)
+        if not dy.is_contiguous():
+            dy = dy.contiguous(memory_format=_memory_format(dy if (geom is None and ctx.sample_backward) else xx))
+
+        def take(t):
+            if geom is not None and t.stride() == geom[3]:
+                return t.as_strided(geom[0], geom[1], t.storage_offset() + geom[2])
+            return gather(t, g)
+
+        invstd = torch.rsqrt(var + eps)
+        gi = w * invstd
+        if ctx.sample_backward:
+            xs = take(xx) if ctx.is_view else xx
+            _, sum_dyx, sum_dy = _bn_backward(take(dy), xs, w, mean, var, None, None, False, eps, [False, True, True])
+            scale = ctx.full / g.count
+            sum_dyx = sum_dyx * scale
+            sum_dy = sum_dy * scale
+            dx = dy * gi.view(_bshape(dy))
+        else:
+            xs = take(xx)
+            if xx.ndim >= 3 and xx.numel() // (xx.shape[0] * xx.shape[1]) < 8 and xx.is_contiguous():
+                # tiny maps (<= 2x2): aten's NCHW batch-norm backward is ~6x slower here than its channels-last
+                # kernel, even counting the two layout copies
+                cl = torch.channels_last if xx.ndim == 4 else (torch.channels_last_3d if xx.ndim == 5 else None)
+                if cl is not None:
+                    dx, sum_dyx, sum_dy = _bn_backward(dy.contiguous(memory_format=cl), xx.contiguous(memory_format=cl),
+                                                       w, mean, var, None, None, False, eps, [True, True, True])
+                    dx = dx.contiguous()
+                else:
+                    dx, sum_dyx, sum_dy = _bn_backward(dy, xx, w, mean, var, None, None, False, eps, [True, True, True])
+            else:
+                dx, sum_dyx, sum_dy = _bn_backward(dy, xx, w, mean, var, None, None, False, eps, [True, True, True])
+        # the statistics' term, sampled elements only: -gi/n * (sum_dy + xhat * sum_dyx) = B * x + A
+        t = gi * (-1.0 / g.count)
+        B = t * invstd * sum_dyx
+        A = torch.addcmul(t * sum_dy, B, mean, value=-1)
+        bs = _bshape(xs)
+        if ctx.is_view:
+            dxs = take(dx)
+            dxs.addcmul_(xs, B.view(bs))
+            dxs.add_(A.view(bs))
+        else:
+            scatter_add_(dx, g, torch.addcmul(A.view(bs), xs, B.view(bs)))
+        dw = sum_dyx if (weight is not None and ctx.needs_input_grad[1]) else None
+        db = sum_dy if ctx.needs_input_grad[2] else None
+        return dx, dw, db, None, None, None, None, None, None
+
+
+def _bshape(t: torch.Tensor) -> tuple[int, ...]:
+    """Shape that broadcasts a per-channel vector against ``t`` (channel dim 1)."""
+    return (1, t.shape[1]) + (1,) * (t.ndim - 2)
+
+
+def fused_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, group: Group,
+                     eps: float, sample_backward: bool, running_mean: torch.Tensor | None,
+                     running_var: torch.Tensor | None, momentum: float
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`sampled_batch_norm` for one group in float32/float64, also updating the running statistics
+    in place when given (``momentum`` as in ``nn.BatchNorm``, a float; unbiased by the sample count)."""
+    if not x.is_contiguous():
+        x = x.contiguous(memory_format=_memory_format(x))
+    return _FusedSampledBatchNorm.apply(x, weight, bias, group, eps, sample_backward, running_mean, running_var,
+                                        momentum)
+
+
 def _memory_format(t: torch.Tensor) -> torch.memory_format:
     if t.ndim == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
         return torch.channels_last

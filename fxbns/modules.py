@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .estimators import Exact, MicroBatch
-from .functional import sampled_batch_norm
+from .functional import fused_batch_norm, sampled_batch_norm
 from .sampling import build_groups
 
 __all__ = ["SampledBatchNorm", "site_seed"]
@@ -52,6 +52,30 @@ class SampledBatchNorm(_BatchNorm):
         self.dims = dims  # 1, 2 or 3: which nn.BatchNorm{dims}d this replaces (for revert)
         self._vstate: VirtualState | None = None
         self.register_buffer("_fxbns_step", torch.zeros((), dtype=torch.long, device=device), persistent=False)
+        self._host_step = 0  # the step counter as a Python int (eager mode draws its samples on the host)
+
+    def _next_host_step(self) -> int | None:
+        """The step counter for this training forward as a Python int, advanced; ``None`` under
+        ``torch.compile``, where samples are drawn from the device counter instead."""
+        if torch.compiler.is_compiling():
+            return None
+        s = self._host_step
+        self.__dict__["_host_step"] = s + 1  # a plain attribute: skip nn.Module.__setattr__'s checks
+        return s
+
+    def _sync_host_step(self) -> None:
+        """Re-read the host step counter from the device counter (after loading a state dict)."""
+        c = self.num_batches_tracked if self.track_running_stats else self._fxbns_step
+        if c is not None and c.device.type != "meta":
+            self._host_step = int(c)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._sync_host_step()
+
+    def reset_running_stats(self) -> None:
+        super().reset_running_stats()
+        self._host_step = 0
 
     @classmethod
     def from_batchnorm(cls, bn: _BatchNorm, estimator, *, micro: MicroBatch | None = None, seed: int = 0
@@ -67,6 +91,7 @@ class SampledBatchNorm(_BatchNorm):
         new.num_batches_tracked = bn.num_batches_tracked
         new._fxbns_step = torch.zeros((), dtype=torch.long, device=dev)
         new.training = bn.training
+        new._sync_host_step()
         return new
 
     def to_batchnorm(self) -> _BatchNorm:
@@ -119,7 +144,7 @@ class SampledBatchNorm(_BatchNorm):
             return super().forward(input)
         return train_forward(input, n_real, spec, self.weight, self.bias, self.running_mean, self.running_var,
                              self.num_batches_tracked if self.track_running_stats else None, self._fxbns_step,
-                             self.momentum, self.eps, self.seed)
+                             self.momentum, self.eps, self.seed, self._next_host_step())
 
 
 class FunctionalBatchNorm(nn.Module):
@@ -137,12 +162,14 @@ class FunctionalBatchNorm(nn.Module):
         self.seed = int(seed)
         self._vstate: VirtualState | None = None
         self.register_buffer("_fxbns_step", torch.zeros((), dtype=torch.long), persistent=False)
+        self._host_step = 0
 
     def extra_repr(self) -> str:
         return f"estimator={self.estimator.describe()}"
 
     active_estimator = SampledBatchNorm.active_estimator
     _resolve = SampledBatchNorm._resolve
+    _next_host_step = SampledBatchNorm._next_host_step
 
     def forward(self, input, running_mean=None, running_var=None, weight=None, bias=None, n_real=None):
         if not self.training:  # the original call in eval: running statistics (batch statistics if there are none)
@@ -152,23 +179,38 @@ class FunctionalBatchNorm(nn.Module):
         if isinstance(spec, Exact) and n_real == input.shape[0]:
             return F.batch_norm(input, running_mean, running_var, weight, bias, True, self.momentum, self.eps)
         return train_forward(input, n_real, spec, weight, bias, running_mean, running_var, None, self._fxbns_step,
-                             self.momentum, self.eps, self.seed)
+                             self.momentum, self.eps, self.seed, self._next_host_step())
+
+
+_FUSED_DTYPES = (torch.float32, torch.float64)
+_FUSED_DEVICES = ("cpu", "cuda")  # where aten's batch_norm_update_stats has kernels
 
 
 def train_forward(input, n_real, spec, weight, bias, running_mean, running_var, num_batches_tracked, step,
-                  momentum, eps, seed):
-    """One training forward with sampled statistics, updating the running statistics in place."""
+                  momentum, eps, seed, host_step=None):
+    """One training forward with sampled statistics, updating the running statistics in place.
+
+    ``host_step`` (the step counter as a Python int, eager mode) lets samples be drawn as strided views
+    and selects the fused kernels (:func:`fused_batch_norm`); under ``torch.compile`` it is ``None`` and
+    the op is written in plain tensor arithmetic that the compiler fuses itself.
+    """
     N = input.shape[0]
     counter = num_batches_tracked if num_batches_tracked is not None else step
-    groups = build_groups(spec, tuple(input.shape), n_real, N - n_real, counter, seed)
+    groups = build_groups(spec, tuple(input.shape), n_real, N - n_real, counter, seed, host_step)
     sb = bool(getattr(spec, "sample_backward", False)) and len(groups) == 1
-    y, mean, var = sampled_batch_norm(input, weight, bias, groups, eps, sb)
+    fused = False
+    if (host_step is not None and len(groups) == 1 and input.dtype in _FUSED_DTYPES
+            and input.device.type in _FUSED_DEVICES and (weight is None or weight.dtype == input.dtype)):
+        fused = (momentum is not None and running_mean is not None and groups[0].count > 1
+                 and running_mean.dtype == input.dtype
+                 and running_var.dtype == input.dtype)
+        y, mean, var = fused_batch_norm(input, weight, bias, groups[0], eps, sb, running_mean if fused else None,
+                                        running_var if fused else None, momentum if fused else 0.0)
+    else:
+        y, mean, var = sampled_batch_norm(input, weight, bias, groups, eps, sb)
     with torch.no_grad():
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
-        else:
-            step.add_(1)
-        if running_mean is not None:
+        counter.add_(1)
+        if running_mean is not None and not fused:
             n = sum(g.count for g in groups)
             unbiased = var * (n / (n - 1)) if n > 1 else var
             if momentum is None:  # cumulative moving average, as nn.BatchNorm with momentum=None
@@ -179,4 +221,3 @@ def train_forward(input, n_real, spec, weight, bias, running_mean, running_var, 
                 running_mean.lerp_(mean.to(running_mean.dtype), momentum)
                 running_var.lerp_(unbiased.to(running_var.dtype), momentum)
     return y
-

@@ -35,7 +35,7 @@ from .estimators import (
 
 __all__ = ["Policy", "PRESETS", "resolve_policy"]
 
-_FS_DEFAULT = FeatureSampling(area_ratio=1 / 16, layout="grid", per_sample=True)
+_FS_DEFAULT = FeatureSampling(area_ratio=1 / 16, layout="band", per_sample=True)
 
 #: Preset name -> (description, factory).  The numbers are the ones documented in the README.
 PRESETS: dict[str, tuple[str, Callable[[], Policy]]] = {}

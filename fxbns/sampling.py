@@ -11,7 +11,14 @@ A sample is a list of :class:`Group` s.  Each group covers a block of rows ``[st
 
 - ``rows``: whole rows (``index_select`` along dim 0);
 - ``pos``: flat positions in every feature map, shared by all rows or one set per row;
-- neither: the whole block.
+- ``view``: a strided *view* of the tensor (offsets drawn on the host as Python ints), so taking the
+  sample and adding into it cost no index tensors and no copies;
+- none of these: the whole block.
+
+Two ways to draw the same sample: with a Python-int step (:func:`random_ints_host`, eager mode) the
+offsets are host ints and the sample is a view; with a device-tensor step (:func:`random_ints`, under
+``torch.compile``) they are device tensors and the sample is gathered by index.  Both give the same
+elements for the same ``(seed, step)``.
 
 >>> import torch
 >>> from fxbns.estimators import FeatureSampling
@@ -22,7 +29,9 @@ A sample is a list of :class:`Group` s.  Each group covers a block of rows ``[st
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +58,20 @@ def random_ints(step: torch.Tensor, seed: int, count: int) -> torch.Tensor:
     return h
 
 
+def random_ints_host(step: int, seed: int, count: int) -> list[int]:
+    """The same values as :func:`random_ints`, computed on the host from a Python-int step (no tensors)."""
+    key = (seed * 69621 + 12345) % _M
+    h0 = ((step % _M) * 48271 % _M + key) % _M
+    out = []
+    for i in range(count):
+        h = (h0 + i * 40014) % _M
+        for _ in range(2):
+            h = (h * 48271 + 11) % _M
+            h ^= h >> 9
+        out.append(h)
+    return out
+
+
 @dataclass
 class Group:
     """One part of a sample: rows ``[start, start+length)`` and which of their elements are taken.
@@ -64,6 +87,7 @@ class Group:
     count: int  # elements per channel taken
     rows: torch.Tensor | None = None
     pos: torch.Tensor | None = None
+    view: Callable[[torch.Tensor], torch.Tensor] | None = None  # host-drawn sample: a strided view of the tensor
 
 
 def _block(x: torch.Tensor, g: Group) -> torch.Tensor:
@@ -87,6 +111,8 @@ def _flat(b: torch.Tensor) -> tuple[torch.Tensor, bool]:
 
 def gather(x: torch.Tensor, g: Group) -> torch.Tensor:
     """The sampled elements of ``x`` for group ``g``, channel dim 1 (``x`` itself for a whole-tensor group)."""
+    if g.view is not None:
+        return g.view(x)
     b = _block(x, g)
     if g.rows is not None:
         return b.index_select(0, g.rows)
@@ -104,8 +130,11 @@ def gather(x: torch.Tensor, g: Group) -> torch.Tensor:
 
 def scatter_add_(dx: torch.Tensor, g: Group, values: torch.Tensor) -> None:
     """``dx[sample of g] += values`` in place; ``values`` laid out as :func:`gather` returns them."""
-    b = _block(dx, g)
     values = values.to(dx.dtype)
+    if g.view is not None:
+        g.view(dx).add_(values)
+        return
+    b = _block(dx, g)
     if g.rows is not None:
         b.index_add_(0, g.rows, values)
         return
@@ -123,16 +152,25 @@ def scatter_add_(dx: torch.Tensor, g: Group, values: torch.Tensor) -> None:
         v.scatter_add_(2, g.pos.unsqueeze(1).expand(-1, v.shape[1], -1), values)
 
 
+def _draw(step: torch.Tensor, host_step: int | None, seed: int, count: int):
+    """``count`` random ints: a list of Python ints when drawn on the host, else a device tensor."""
+    if host_step is not None:
+        return random_ints_host(host_step, seed, count)
+    return random_ints(step, seed, count)
+
+
 def _bs_group(spec: BatchSampling, start: int, n: int, elems_per_row: int, step: torch.Tensor,
-              seed: int, weight: float) -> Group:
+              seed: int, weight: float, host_step: int | None = None) -> Group:
     m = spec.sample_count(n)
     if m >= n:
         return Group(start, n, weight, n * elems_per_row)
-    if spec.draw == "block":
-        off = random_ints(step, seed, 1) % n
-        rows = (off + torch.arange(m, device=step.device)) % n
-    else:
-        rows = torch.argsort(random_ints(step, seed, n))[:m]
+    if spec.draw == "block":  # rows [off, off + m), off uniform in [0, n - m]
+        if host_step is not None:
+            off = start + random_ints_host(host_step, seed, 1)[0] % (n - m + 1)
+            return Group(start, n, weight, m * elems_per_row, view=lambda t: t.narrow(0, off, m))
+        rows = random_ints(step, seed, 1) % (n - m + 1) + torch.arange(m, device=step.device)
+        return Group(start, n, weight, m * elems_per_row, rows=rows)
+    rows = torch.argsort(random_ints(step, seed, n))[:m]
     return Group(start, n, weight, m * elems_per_row, rows=rows)
 
 
@@ -154,17 +192,92 @@ def fs_fallback(spec: FeatureSampling) -> BatchSampling:
     return BatchSampling(ratio=ratio, sample_backward=spec.sample_backward)
 
 
+def band_plan(n: int, size: int, length: int) -> tuple[int, int, int]:
+    """How ``n`` rows share out band offsets on a flat map of ``size``: ``(K, D, slack)``.
+
+    Rows are taken in blocks of ``K`` (a divisor of ``n``); row ``i`` starts its band at
+    ``o0 + (i % K) * D`` with ``o0`` uniform in ``[0, slack]``, so the ``K`` bands of a block are spread
+    evenly from the top of the map to the bottom.  ``K = 1`` (a prime ``n`` on a small map) is a
+    shared offset.
+    """
+    if torch.compiler.is_compiling():  # dynamo traces through caches; the arithmetic is cheap to trace
+        return _band_plan(n, size, length)
+    return _band_plan_cached(n, size, length)
+
+
+def _band_plan(n: int, size: int, length: int) -> tuple[int, int, int]:
+    positions = size - length + 1
+    k = min(n, positions)
+    while k > 1 and n % k:
+        k -= 1
+    d = (positions - 1) // (k - 1) if k > 1 else 0
+    return k, d, positions - 1 - (k - 1) * d
+
+
+_band_plan_cached = functools.lru_cache(maxsize=4096)(_band_plan)
+
+
+def _dense_flat_stride(t: torch.Tensor) -> int:
+    """The stride of the flattened spatial dims of a dense (N, C, *spatial) tensor (NCHW or channels-last)."""
+    for d in range(2, t.ndim - 1):
+        if t.shape[d + 1] != 1 and t.stride(d) != t.stride(d + 1) * t.shape[d + 1]:
+            raise ValueError("the spatial dims of this tensor cannot be flattened; make it contiguous")
+    return t.stride(-1) if t.ndim > 2 else 1
+
+
+def _band_view(start: int, rows: int, k: int, d: int, o0: int, length: int):
+    """The band sample as one strided view: (rows // k, C, k, length), channel dim 1."""
+    def view(t: torch.Tensor) -> torch.Tensor:
+        sn, sc, ss = t.stride(0), t.stride(1), _dense_flat_stride(t)
+        return t.as_strided((rows // k, t.shape[1], k, length), (k * sn, sc, sn + d * ss, ss),
+                            t.storage_offset() + start * sn + o0 * ss)
+    return view
+
+
+def _window_view(start: int, n: int, layout: str, offs: list[int], pts: tuple[int, ...], spatial: tuple[int, ...]):
+    """A shared-offset patch or grid as a view (narrow / strided slices of each spatial dim)."""
+    def view(t: torch.Tensor) -> torch.Tensor:
+        idx = [slice(start, start + n), slice(None)]
+        for o, p, s in zip(offs, pts, spatial):
+            st = 1 if layout == "patch" else s // p
+            idx.append(slice(o, o + (p - 1) * st + 1, st))
+        return t[tuple(idx)]
+    return view
+
+
 def _fs_group(spec: FeatureSampling, shape: tuple[int, ...], start: int, n: int, step: torch.Tensor,
-              seed: int, weight: float) -> Group:
+              seed: int, weight: float, host_step: int | None = None) -> Group:
     spatial = tuple(shape[2:])
     if not spatial:
-        return _bs_group(fs_fallback(spec), start, n, 1, step, seed, weight)
+        return _bs_group(fs_fallback(spec), start, n, 1, step, seed, weight, host_step)
+    if spec.layout == "band":
+        size = math.prod(spatial)
+        length = spec.band_length(spatial)
+        if length >= size:
+            return Group(start, n, weight, n * size)
+        if spec.per_sample:
+            k, d, slack = band_plan(n, size, length)
+        else:
+            k, d, slack = 1, 0, size - length
+        r = _draw(step, host_step, seed, 1)
+        if host_step is not None:
+            return Group(start, n, weight, n * length, view=_band_view(start, n, k, d, r[0] % (slack + 1), length))
+        o0 = r % (slack + 1)
+        ar = torch.arange(length, device=step.device)
+        if not spec.per_sample:
+            return Group(start, n, weight, n * length, pos=o0 + ar)
+        rows = torch.arange(n, device=step.device) % k
+        return Group(start, n, weight, n * length, pos=(o0 + rows * d).unsqueeze(1) + ar)
     pts = spec.points(spatial)
     count_per_row = math.prod(pts)
     if pts == spatial:
         return Group(start, n, weight, n * count_per_row)
     k = len(spatial)
     ranges = [_offset_range(spec.layout, s, p) for s, p in zip(spatial, pts)]
+    if host_step is not None and not spec.per_sample:
+        r = random_ints_host(host_step, seed, k)
+        offs = [v % ranges[d] for d, v in enumerate(r)]
+        return Group(start, n, weight, n * count_per_row, view=_window_view(start, n, spec.layout, offs, pts, spatial))
     rows = n if spec.per_sample else 1
     r = random_ints(step, seed, rows * k).reshape(rows, k)
     flat = None
@@ -180,21 +293,23 @@ def _fs_group(spec: FeatureSampling, shape: tuple[int, ...], start: int, n: int,
     return Group(start, n, weight, n * count_per_row, pos=flat if spec.per_sample else flat[0])
 
 
-def _real_group(spec, shape, n_real, step, seed, weight) -> Group:
+def _real_group(spec, shape, n_real, step, seed, weight, host_step=None) -> Group:
     elems = math.prod(shape[2:])
     if isinstance(spec, BatchSampling):
-        return _bs_group(spec, 0, n_real, elems, step, seed, weight)
+        return _bs_group(spec, 0, n_real, elems, step, seed, weight, host_step)
     if isinstance(spec, FeatureSampling):
-        return _fs_group(spec, shape, 0, n_real, step, seed, weight)
+        return _fs_group(spec, shape, 0, n_real, step, seed, weight, host_step)
     return Group(0, n_real, weight, n_real * elems)  # all real rows
 
 
 def build_groups(spec, shape: tuple[int, ...], n_real: int, n_virtual: int, step: torch.Tensor,
-                 seed: int) -> list[Group]:
+                 seed: int, host_step: int | None = None) -> list[Group]:
     """The sample for one training forward of a site with estimator ``spec`` on an input of ``shape``.
 
     Rows ``[0, n_real)`` are real and ``[n_real, n_real + n_virtual)`` virtual.  Non-VDN estimators
-    sample the real rows only.
+    sample the real rows only.  ``step`` is the layer's step counter on the device; ``host_step``, when
+    given, is the same counter as a Python int: samples that can be strided views (BS blocks, bands,
+    shared-offset patches and grids) are then drawn on the host.  Either way the elements are the same.
     """
     if isinstance(spec, VirtualDataset):
         if n_virtual <= 0:
@@ -206,7 +321,7 @@ def build_groups(spec, shape: tuple[int, ...], n_real: int, n_virtual: int, step
         vg = Group(n_real, n_virtual, float(spec.mix), n_virtual * math.prod(shape[2:]))
         if spec.mix >= 1:
             return [vg]
-        return [_real_group(spec.real, shape, n_real, step, seed, 1.0 - float(spec.mix)), vg]
+        return [_real_group(spec.real, shape, n_real, step, seed, 1.0 - float(spec.mix), host_step), vg]
     if isinstance(spec, (Exact, type(None))):
         return [_real_group(None, shape, n_real, step, seed, 1.0)]
-    return [_real_group(spec, shape, n_real, step, seed, 1.0)]
+    return [_real_group(spec, shape, n_real, step, seed, 1.0, host_step)]

@@ -35,7 +35,7 @@ def test_default_model_all_outputs(tmp_path):
     p = run("--policy", "fs", "--out", tmp_path / "ck.pt", "--onnx", tmp_path / "m.onnx", "--report",
             tmp_path / "r.json")
     assert p.returncode == 0, p.stderr
-    assert "20 BatchNorm sites, 20 sampled" in p.stdout and "fs(grid" in p.stdout
+    assert "20 BatchNorm sites, 20 sampled" in p.stdout and "fs(band" in p.stdout
     rep = json.loads((tmp_path / "r.json").read_text())
     assert len(rep["sites"]) == 20 and rep["sites"][0]["spec"]["kind"] == "fs"
     # the checkpoint rebuilds

@@ -317,9 +317,9 @@ def test_code_shows_estimators_and_report_table():
     gm = fxbns.transform(torchvision.models.resnet18(num_classes=4),
                          Policy.from_preset("fs").set_module_name("bn1", BatchSampling()))
     assert "bn1__bs = self.bn1(conv1)" in gm.code
-    assert "layer1_0_bn1__fs_grid" in gm.code
+    assert "layer1_0_bn1__fs_band" in gm.code
     text = str(fxbns.report(gm))
-    assert "fs(grid" in text and "20 BatchNorm sites" in text
+    assert "fs(band" in text and "20 BatchNorm sites" in text
     d = fxbns.report(gm).to_dict()
     assert len(d["sites"]) == 20 and d["mode"] == "graph"
 
