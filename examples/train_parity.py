@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Training parity on real data: exact BatchNorm vs the bs, fs (patch and grid) and vdn presets.
+"""Training parity on real data: exact BatchNorm vs the bs, fs (band; patch and grid too) and vdn presets.
 
 A small ResNet and a MobileNet-style net on scikit-learn's bundled handwritten digits (upsampled to
 32x32), the same schedule for all, several seeds.  Writes examples/results/train_parity.{json,png}.
@@ -30,7 +30,8 @@ POLICIES = {
     "exact": lambda: "exact",
     "bs": lambda: "bs",
     "fs-patch": lambda: Policy(FeatureSampling(area_ratio=1 / 16, layout="patch", per_sample=True)),
-    "fs-grid": lambda: "fs",
+    "fs-grid": lambda: Policy(FeatureSampling(area_ratio=1 / 16, layout="grid", per_sample=True)),
+    "fs": lambda: "fs",  # the preset: band layout, per-sample offsets
     "vdn": lambda: "vdn",
 }
 MODELS = {"small-resnet": SmallResNet, "small-mobilenet": SmallMobileNet}

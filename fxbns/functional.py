@@ -183,7 +183,10 @@ class _FusedSampledBatchNorm(torch.autograd.Function):
         gi = w * invstd
         if ctx.sample_backward:
             xs = take(xx) if ctx.is_view else xx
-            _, sum_dyx, sum_dy = _bn_backward(take(dy), xs, w, mean, var, None, None, False, eps, [False, True, True])
+            dys = take(dy)
+            if xs.shape[-1] < 16 and not xs.is_contiguous():  # as for the statistics: copy short strided runs
+                xs, dys = xs.contiguous(), dys.contiguous()
+            _, sum_dyx, sum_dy = _bn_backward(dys, xs, w, mean, var, None, None, False, eps, [False, True, True])
             scale = ctx.full / g.count
             sum_dyx = sum_dyx * scale
             sum_dy = sum_dy * scale

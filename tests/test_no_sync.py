@@ -10,13 +10,16 @@ import pytest
 import torch
 import torchvision
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fxbns
 from fxbns import BatchSampling, FeatureSampling, MicroBatch, SampledBatchNorm, VirtualDataset
 
 SPECS = [BatchSampling(ratio=0.25), BatchSampling(ratio=0.25, draw="random", sample_backward=True),
          FeatureSampling(patch=(3, 3)), FeatureSampling(area_ratio=1 / 16, layout="grid", per_sample=True),
-         FeatureSampling(area_ratio=1 / 16, layout="grid", per_sample=True, sample_backward=True)]
+         FeatureSampling(area_ratio=1 / 16, layout="grid", per_sample=True, sample_backward=True),
+         FeatureSampling(area_ratio=1 / 16, layout="band", per_sample=True),
+         FeatureSampling(area_ratio=1 / 16, layout="band", per_sample=True, sample_backward=True)]
 
 
 def _block(spec):
@@ -48,6 +51,32 @@ def test_compile_fullgraph_conv_bn_relu(spec):
     torch.testing.assert_close(y, yr, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(blk[0].weight.grad, ref[0].weight.grad, atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(blk[1].running_var, ref[1].running_var)
+
+
+class _OpLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket.__name__))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.describe())
+def test_eager_cpu_step_never_reads_a_tensor_on_the_host(spec):
+    """The eager path on a real device (here the CPU) with its fused kernels: every aten op of a training step
+    is logged, and none of them reads a tensor value into Python (``.item()``, ``int(t)``, ``bool(t)`` all go
+    through ``_local_scalar_dense``), which is what would synchronise a GPU."""
+    blk = _block(spec)
+    x = torch.randn(8, 3, 16, 16)
+    blk(x).sum().backward()  # the first step may set things up
+    with _OpLog() as log:
+        blk(x).sum().backward()
+    assert "_local_scalar_dense" not in log.ops and "item" not in log.ops
+    if spec.draw == "block" if isinstance(spec, BatchSampling) else spec.layout == "band":
+        assert "batch_norm_update_stats" in log.ops  # the fused path ran
+        assert "index_select" not in log.ops and "gather" not in log.ops  # a strided view, no index tensors
 
 
 @pytest.mark.parametrize("preset", ["bs", "fs", "vdn", "micro"])
