@@ -37,6 +37,9 @@ LAYOUTS = {
     "patch, per-sample offsets": lambda side, n: FeatureSampling(patch=(side, side), per_sample=True),
     "grid, shared offset": lambda side, n: FeatureSampling(patch=(side, side), layout="grid"),
     "grid, per-sample offsets": lambda side, n: FeatureSampling(patch=(side, side), layout="grid", per_sample=True),
+    "band, shared offset": lambda side, n: FeatureSampling(patch=(side, side), layout="band"),
+    "band, per-sample offsets (fs preset)": lambda side, n: FeatureSampling(patch=(side, side), layout="band",
+                                                                            per_sample=True),
 }
 
 

@@ -11,6 +11,7 @@ A small ResNet and a MobileNet-style net on scikit-learn's bundled handwritten d
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -44,15 +45,26 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--policies", help="comma-separated subset; their results replace those in the existing record")
     args = ap.parse_args()
     if args.quick:
         args.seeds, args.epochs = 1, 3
     torch.set_num_threads(2)
     data = digits(size=32, seed=0)
     results = {}
+    earlier = None
+    policies = POLICIES
+    if args.policies:
+        policies = {p: POLICIES[p] for p in args.policies.split(",")}
+        prev = OUT / "train_parity.json"
+        if prev.exists():
+            old = json.loads(prev.read_text())
+            if all(old.get(k) == getattr(args, k) for k in ("epochs", "batch", "lr", "seeds")):
+                results = old["results"]
+                earlier = old["command"]
     t0 = time.time()
     for mname, mcls in MODELS.items():
-        for pname, pol in POLICIES.items():
+        for pname, pol in policies.items():
             runs = []
             for seed in range(args.seeds):
                 torch.manual_seed(seed)
@@ -75,7 +87,10 @@ def main() -> int:
                   f"{'' if pname == 'exact' else f'{d:+.2f}'} |")
     goal = all(abs(r["mean"] - res["exact"]["mean"]) <= 0.005 for res in results.values() for r in res.values())
     print(f"\ngoal (every preset within 0.5 points of exact BN): {'met' if goal else 'NOT met'}")
-    rec = save_record("train_parity", {"command": "python examples/train_parity.py " + " ".join(sys.argv[1:]),
+    command = "python examples/train_parity.py " + " ".join(sys.argv[1:])
+    if earlier:
+        command = f"{earlier}; then {command}"
+    rec = save_record("train_parity", {"command": command,
                                        "data": "sklearn digits 32x32", "epochs": args.epochs, "batch": args.batch,
                                        "lr": args.lr, "seeds": args.seeds, "results": results, "goal_met": goal})
     _plot(results, args)

@@ -146,9 +146,7 @@ class _FusedSampledBatchNorm(torch.autograd.Function):
     def forward(ctx, x, weight, bias, group, eps, sample_backward, running_mean, running_var, momentum):
         xs = gather(x, group)
         is_view = _takes_view(group)
-        # the stats kernel is slow on a strided view with short inner runs; a copy of the (small) sample is not
-        st = xs if (xs.shape[-1] >= 16 or xs.is_contiguous()) else xs.contiguous()
-        mean, var = torch.batch_norm_update_stats(st, running_mean, running_var, momentum)
+        mean, var = torch.batch_norm_update_stats(_dense_sample(xs), running_mean, running_var, momentum)
         y = torch.native_batch_norm(x, weight, bias, mean, var, False, 0.0, eps)[0]
         ctx.group = group
         ctx.eps = eps
@@ -184,8 +182,7 @@ class _FusedSampledBatchNorm(torch.autograd.Function):
         if ctx.sample_backward:
             xs = take(xx) if ctx.is_view else xx
             dys = take(dy)
-            if xs.shape[-1] < 16 and not xs.is_contiguous():  # as for the statistics: copy short strided runs
-                xs, dys = xs.contiguous(), dys.contiguous()
+            xs, dys = _dense_sample(xs), _dense_sample(dys)
             _, sum_dyx, sum_dy = _bn_backward(dys, xs, w, mean, var, None, None, False, eps, [False, True, True])
             scale = ctx.full / g.count
             sum_dyx = sum_dyx * scale
@@ -219,6 +216,23 @@ class _FusedSampledBatchNorm(torch.autograd.Function):
         dw = sum_dyx if (weight is not None and ctx.needs_input_grad[1]) else None
         db = sum_dy if ctx.needs_input_grad[2] else None
         return dx, dw, db, None, None, None, None, None, None
+
+
+def _dense_sample(s: torch.Tensor) -> torch.Tensor:
+    """The sample in a layout aten's batch-norm reduction kernels are fast on.
+
+    Their fast paths need a dense NCHW or channels-last tensor; on other strides they fall back to a
+    per-channel loop.  A strided view with long inner runs along the map (NCHW bands) is read fast enough
+    there; otherwise a copy of the (small) sample is cheaper than the slow loop: measured with
+    ``python tools/bench.py kernels``.
+    """
+    if s.is_contiguous() or (s.ndim == 4 and s.is_contiguous(memory_format=torch.channels_last)):
+        return s
+    if s.stride(-1) == 1 and s.shape[-1] >= 16:
+        return s
+    if s.ndim == 4 and s.stride(1) == 1:  # channels innermost: a channels-last copy keeps the reads contiguous
+        return s.contiguous(memory_format=torch.channels_last)
+    return s.contiguous()
 
 
 def _bshape(t: torch.Tensor) -> tuple[int, ...]:

@@ -192,26 +192,57 @@ def fs_fallback(spec: FeatureSampling) -> BatchSampling:
     return BatchSampling(ratio=ratio, sample_backward=spec.sample_backward)
 
 
-def band_plan(n: int, size: int, length: int) -> tuple[int, int, int]:
-    """How ``n`` rows share out band offsets on a flat map of ``size``: ``(K, D, slack)``.
+def band_plan(n: int, size: int, length: int, row: int | None = None) -> tuple[int, int, int]:
+    """How ``n`` rows share out band offsets on a flat map of ``size`` (rows of ``row`` elements):
+    ``(K, D, slack)``.
 
-    Rows are taken in blocks of ``K`` (a divisor of ``n``); row ``i`` starts its band at
-    ``o0 + (i % K) * D`` with ``o0`` uniform in ``[0, slack]``, so the ``K`` bands of a block are spread
-    evenly from the top of the map to the bottom.  ``K = 1`` (a prime ``n`` on a small map) is a
-    shared offset.
+    Rows are taken in blocks of ``K`` (a divisor of ``n``, at most ``size // length``); row ``i`` starts its
+    band at ``o0 + (i % K) * D`` with ``o0`` uniform in ``[0, slack]``, so a block's bands are spread from
+    the top of the map to the bottom (at ``K = size // length`` and ``D = length`` a block tiles the map).
+    ``D`` is the widest spacing that fits, stepped down when that would stack bands shorter than a map row
+    in the same columns (``D`` a multiple of the row length): the spacing that covers the columns most
+    evenly.  ``K = 1`` (a prime ``n``, or a band of more than half the map) is a shared offset.
     """
     if torch.compiler.is_compiling():  # dynamo traces through caches; the arithmetic is cheap to trace
-        return _band_plan(n, size, length)
-    return _band_plan_cached(n, size, length)
+        return _band_plan(n, size, length, row)
+    return _band_plan_cached(n, size, length, row)
 
 
-def _band_plan(n: int, size: int, length: int) -> tuple[int, int, int]:
-    positions = size - length + 1
-    k = min(n, positions)
+def _column_unevenness(k: int, d: int, length: int, row: int) -> int:
+    """max - min of how often each column of a map row is covered by ``k`` bands spaced ``d`` apart."""
+    full, rest = divmod(length, row)
+    diff = [0] * (row + 1)
+    diff[0] += k * full  # whole rows cover every column
+    diff[row] -= k * full
+    for i in range(k):
+        c = (i * d) % row
+        end = c + rest
+        if end <= row:
+            diff[c] += 1
+            diff[end] -= 1
+        else:
+            diff[c] += 1
+            diff[row] -= 1
+            diff[0] += 1
+            diff[end - row] -= 1
+    cov, acc = [], 0
+    for j in range(row):
+        acc += diff[j]
+        cov.append(acc)
+    return max(cov) - min(cov)
+
+
+def _band_plan(n: int, size: int, length: int, row: int | None = None) -> tuple[int, int, int]:
+    k = max(1, min(n, size // length))
     while k > 1 and n % k:
         k -= 1
-    d = (positions - 1) // (k - 1) if k > 1 else 0
-    return k, d, positions - 1 - (k - 1) * d
+    if k == 1:
+        return 1, 0, size - length
+    d = (size - length) // (k - 1)
+    if row and 1 < row < size and length % row:
+        best = min(range(d, max(0, d - row), -1), key=lambda c: (_column_unevenness(k, c, length, row), -c))
+        d = best
+    return k, d, size - length - (k - 1) * d
 
 
 _band_plan_cached = functools.lru_cache(maxsize=4096)(_band_plan)
@@ -256,7 +287,7 @@ def _fs_group(spec: FeatureSampling, shape: tuple[int, ...], start: int, n: int,
         if length >= size:
             return Group(start, n, weight, n * size)
         if spec.per_sample:
-            k, d, slack = band_plan(n, size, length)
+            k, d, slack = band_plan(n, size, length, spatial[-1])
         else:
             k, d, slack = 1, 0, size - length
         r = _draw(step, host_step, seed, 1)

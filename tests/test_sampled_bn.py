@@ -359,9 +359,12 @@ def test_band_plan_fits_and_spreads(n, size, data):
     assert n % k == 0 and slack >= 0 and d >= 0
     assert slack + (k - 1) * d + length == size  # the last band of a block ends at the map's end at o0 = slack
     if k > 1:
-        assert d >= 1 and (k - 1) * (d + 1) > size - length  # the widest spacing that fits: spread, not bunched
-    if n <= size - length + 1 and all(n % j for j in range(2, n)):  # a prime batch that fits: every row its own band
+        assert d >= length  # the bands of a block do not overlap ...
+        assert (k - 1) * (d + 1) > size - length  # ... and are as far apart as fits: spread, not bunched
+    if size // length >= n and all(n % j for j in range(2, n)):  # a prime batch that fits: every row its own band
         assert k == n
+    if n % (size // length) == 0:  # the batch is whole blocks of a full tiling: every element is covered
+        assert k == size // length and slack < k
 
 
 @pytest.mark.parametrize("shape", [(8, 5, 12, 10), (6, 3, 7, 9, 4), (12, 4, 30), (8, 5, 2, 2), (6, 3, 1, 3),

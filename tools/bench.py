@@ -116,8 +116,10 @@ def layer_estimators(names: list[str]):
         "bs": BatchSampling(ratio=1 / 8),
         "bs_sb": BatchSampling(ratio=1 / 8, sample_backward=True),
         "bs_random": BatchSampling(ratio=1 / 8, draw="random"),
-        "fs": FeatureSampling(area_ratio=1 / 16, layout="grid", per_sample=True),
-        "fs_sb": FeatureSampling(area_ratio=1 / 16, layout="grid", per_sample=True, sample_backward=True),
+        "fs": FeatureSampling(area_ratio=1 / 16, layout="band", per_sample=True),
+        "fs_sb": FeatureSampling(area_ratio=1 / 16, layout="band", per_sample=True, sample_backward=True),
+        "fs_grid": FeatureSampling(area_ratio=1 / 16, layout="grid", per_sample=True),
+        "fs_grid_sb": FeatureSampling(area_ratio=1 / 16, layout="grid", per_sample=True, sample_backward=True),
         "fs_patch": FeatureSampling(area_ratio=1 / 16),
         "fs_patch_sb": FeatureSampling(area_ratio=1 / 16, sample_backward=True),
     }
@@ -378,10 +380,15 @@ def bench_kernels(args) -> dict:
     w, m, v = torch.rand(C), torch.zeros(C), torch.ones(C)
     step = torch.tensor(3)
     bs = build_groups(BatchSampling(ratio=1 / 8), shape, shape[0], 0, step, 1)[0]
-    fs = build_groups(FeatureSampling(area_ratio=1 / 16, layout="grid", per_sample=True), shape, shape[0], 0, step, 1)[0]
-    xs_bs, xs_fs = gather(x, bs), gather(x, fs)
+    grid = build_groups(FeatureSampling(area_ratio=1 / 16, layout="grid", per_sample=True), shape, shape[0], 0, step,
+                        1)[0]
+    band = build_groups(FeatureSampling(area_ratio=1 / 16, layout="band", per_sample=True), shape, shape[0], 0, step,
+                        1, host_step=3)[0]
+    xs_bs, xs_grid, xs_band = gather(x, bs), gather(x, grid), gather(x, band)
+    dys_band = gather(dy, band)
     dx_buf = torch.randn(shape)
     d = [0, 2, 3]
+    bcast = (1, C, 1, 1)
     ops = {
         "native BN forward (training)": lambda: F.batch_norm(x, m.clone(), v.clone(), w, None, True),
         "native BN backward (training)": lambda: torch.ops.aten.native_batch_norm_backward(
@@ -391,8 +398,13 @@ def bench_kernels(args) -> dict:
             dy, x, w, m, v, None, None, False, 1e-5, [True, True, True]),
         "dy * scale (sample_backward dx)": lambda: dy * w.view(1, -1, 1, 1),
         "gather BS sample (1/8, whole rows)": lambda: gather(x, bs),
-        "gather FS sample (1/16, grid, per-sample)": lambda: gather(x, fs),
-        "scatter FS statistics term into dx": lambda: scatter_add_(dx_buf, fs, xs_fs),
+        "gather FS sample (1/16, grid, per-sample)": lambda: gather(x, grid),
+        "scatter FS grid statistics term into dx": lambda: scatter_add_(dx_buf, grid, xs_grid),
+        "FS band stats (view, batch_norm_update_stats)": lambda: torch.batch_norm_update_stats(xs_band, None, None, 0.),
+        "FS band sums of dy (view, sample_backward)": lambda: torch.ops.aten.native_batch_norm_backward(
+            dys_band, xs_band, w, m, v, None, None, False, 1e-5, [False, True, True]),
+        "FS band statistics term, in place on the view": lambda: (
+            gather(dx_buf, band).addcmul_(xs_band, w.view(bcast)).add_(m.view(bcast))),
         "sum over (N,H,W) of the BS sample": lambda: xs_bs.sum(d),
         "var_mean over (N,H,W) of the BS sample": lambda: torch.var_mean(xs_bs, d, correction=0),
     }
