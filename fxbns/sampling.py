@@ -240,7 +240,7 @@ def _band_plan(n: int, size: int, length: int, row: int | None = None) -> tuple[
         return 1, 0, size - length
     d = (size - length) // (k - 1)
     if row and 1 < row < size and length % row:
-        best = min(range(d, max(0, d - row), -1), key=lambda c: (_column_unevenness(k, c, length, row), -c))
+        best = min(range(d, max(length - 1, d - row), -1), key=lambda c: (_column_unevenness(k, c, length, row), -c))
         d = best
     return k, d, size - length - (k - 1) * d
 
