@@ -138,28 +138,30 @@ class _FusedSampledBatchNorm(torch.autograd.Function):
     backward: the eval-mode batch-norm backward (``dx = gamma * invstd * dy`` and both full sums in one
               kernel), or with ``sample_backward`` the same kernel on the sample for the two sums and
               one scaled copy of ``dy``; then the statistics' term on the sample, in place.
-    When the sample is a strided view (drawn on the host), nothing is gathered or scattered and the
-    backward keeps only ``x``, as native batch norm does.
+    When the sample is a strided view (drawn on the host), nothing is gathered or scattered.  The backward
+    keeps ``x``, as native batch norm does, or with ``sample_backward`` only a copy of the sample.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, group, eps, sample_backward, running_mean, running_var, momentum):
         xs = gather(x, group)
         is_view = _takes_view(group)
-        mean, var = torch.batch_norm_update_stats(_dense_sample(xs), running_mean, running_var, momentum)
+        xd = _dense_sample(xs)
+        if sample_backward and xd.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+            xd = xd.clone()  # the backward keeps only this small copy, not x
+        mean, var = torch.batch_norm_update_stats(xd, running_mean, running_var, momentum)
         y = torch.native_batch_norm(x, weight, bias, mean, var, False, 0.0, eps)[0]
         ctx.group = group
         ctx.eps = eps
         ctx.sample_backward = sample_backward
         ctx.mark_non_differentiable(mean, var)
         ctx.is_view = is_view
-        # where the sample sits inside x, to take the same view of dy and dx (same strides as x)
+        ctx.x_fmt = _memory_format(x)
+        # where the sample sits inside x, to take the same view of dy and dx when they have x's strides
         ctx.geom = (xs.shape, xs.stride(), xs.storage_offset() - x.storage_offset(), x.stride()) if is_view else None
         ctx.full = x.numel() // x.shape[1]
-        if is_view or not sample_backward:
-            ctx.save_for_backward(x, weight, mean, var)
-        else:  # a gathered sample: keep the small copy instead of x
-            ctx.save_for_backward(xs, weight, mean, var)
+        # sample_backward needs only the sample (peak memory below native's); otherwise x, as native BN keeps
+        ctx.save_for_backward(xd if sample_backward else x, weight, mean, var)
         return y, mean, var
 
     @staticmethod
@@ -169,8 +171,8 @@ class _FusedSampledBatchNorm(torch.autograd.Function):
         eps = ctx.eps
         geom = ctx.geom
         w = weight if weight is not None else torch.ones_like(mean)
-        if not dy.is_contiguous():
-            dy = dy.contiguous(memory_format=_memory_format(dy if (geom is None and ctx.sample_backward) else xx))
+        if not dy.is_contiguous(memory_format=ctx.x_fmt):
+            dy = dy.contiguous(memory_format=ctx.x_fmt)
 
         def take(t):
             if geom is not None and t.stride() == geom[3]:
@@ -180,9 +182,8 @@ class _FusedSampledBatchNorm(torch.autograd.Function):
         invstd = torch.rsqrt(var + eps)
         gi = w * invstd
         if ctx.sample_backward:
-            xs = take(xx) if ctx.is_view else xx
-            dys = take(dy)
-            xs, dys = _dense_sample(xs), _dense_sample(dys)
+            xs = xx
+            dys = _dense_sample(take(dy))
             _, sum_dyx, sum_dy = _bn_backward(dys, xs, w, mean, var, None, None, False, eps, [False, True, True])
             scale = ctx.full / g.count
             sum_dyx = sum_dyx * scale
@@ -207,10 +208,12 @@ class _FusedSampledBatchNorm(torch.autograd.Function):
         B = t * invstd * sum_dyx
         A = torch.addcmul(t * sum_dy, B, mean, value=-1)
         bs = _bshape(xs)
-        if ctx.is_view:
+        if ctx.is_view and not ctx.sample_backward:  # xs is a strided view of x: two in-place passes measured faster
             dxs = take(dx)
             dxs.addcmul_(xs, B.view(bs))
             dxs.add_(A.view(bs))
+        elif ctx.is_view:  # xs is the dense copy: the term densely, then one strided pass
+            take(dx).add_(torch.addcmul(A.view(bs), xs, B.view(bs)))
         else:
             scatter_add_(dx, g, torch.addcmul(A.view(bs), xs, B.view(bs)))
         dw = sum_dyx if (weight is not None and ctx.needs_input_grad[1]) else None
