@@ -143,7 +143,7 @@ class _FusedSampledBatchNorm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, group, eps, sample_backward, running_mean, running_var, momentum):
+    def forward(ctx, x, weight, bias, group, eps, sample_backward, running_mean, running_var, momentum, stats_out):
         xs = gather(x, group)
         is_view = _takes_view(group)
         xd = _dense_sample(xs)
@@ -151,74 +151,68 @@ class _FusedSampledBatchNorm(torch.autograd.Function):
             xd = xd.clone()  # the backward keeps only this small copy, not x
         mean, var = torch.batch_norm_update_stats(xd, running_mean, running_var, momentum)
         y = torch.native_batch_norm(x, weight, bias, mean, var, False, 0.0, eps)[0]
-        ctx.group = group
-        ctx.eps = eps
-        ctx.sample_backward = sample_backward
-        ctx.mark_non_differentiable(mean, var)
-        ctx.is_view = is_view
-        ctx.x_fmt = _memory_format(x)
-        # where the sample sits inside x, to take the same view of dy and dx when they have x's strides
-        ctx.geom = (xs.shape, xs.stride(), xs.storage_offset() - x.storage_offset(), x.stride()) if is_view else None
-        ctx.full = x.numel() // x.shape[1]
+        if stats_out is not None:
+            stats_out += (mean, var)
+        nd = x.ndim
+        # everything the backward needs that does not depend on dy, in one tuple (attribute access costs)
+        ctx.cfg = (
+            group, eps, sample_backward, is_view, _memory_format(x),
+            # where the sample sits inside x, to take the same view of dy and dx when they have x's strides
+            (xs.shape, xs.stride(), xs.storage_offset() - x.storage_offset(), x.stride()) if is_view else None,
+            -1.0 / group.count, (x.numel() // x.shape[1]) / group.count, (1, x.shape[1]) + (1,) * (xs.ndim - 2),
+            (1, x.shape[1]) + (1,) * (nd - 2),
+            # tiny maps (<= 2x2): aten's NCHW batch-norm backward is ~6x slower there than its channels-last
+            # kernel, even counting the two layout copies
+            (torch.channels_last if nd == 4 else torch.channels_last_3d)
+            if nd in (4, 5) and x.numel() // (x.shape[0] * x.shape[1]) < 8 and x.is_contiguous() else None)
         # sample_backward needs only the sample (peak memory below native's); otherwise x, as native BN keeps
         ctx.save_for_backward(xd if sample_backward else x, weight, mean, var)
-        return y, mean, var
+        return y
 
     @staticmethod
-    def backward(ctx, dy, _dmean, _dvar):
-        g: Group = ctx.group
+    def backward(ctx, dy):
         xx, weight, mean, var = ctx.saved_tensors
-        eps = ctx.eps
-        geom = ctx.geom
+        g, eps, sb, is_view, fmt, geom, k, scale, bs, bx, tiny_cl = ctx.cfg
         w = weight if weight is not None else torch.ones_like(mean)
-        if not dy.is_contiguous(memory_format=ctx.x_fmt):
-            dy = dy.contiguous(memory_format=ctx.x_fmt)
-
-        def take(t):
-            if geom is not None and t.stride() == geom[3]:
-                return t.as_strided(geom[0], geom[1], t.storage_offset() + geom[2])
-            return gather(t, g)
-
+        if not dy.is_contiguous(memory_format=fmt):
+            dy = dy.contiguous(memory_format=fmt)
         invstd = torch.rsqrt(var + eps)
-        gi = w * invstd
-        if ctx.sample_backward:
+        if sb:
             xs = xx
-            dys = _dense_sample(take(dy))
+            dys = _dense_sample(dy.as_strided(geom[0], geom[1], dy.storage_offset() + geom[2])
+                                if geom is not None and dy.stride() == geom[3] else gather(dy, g))
             _, sum_dyx, sum_dy = _bn_backward(dys, xs, w, mean, var, None, None, False, eps, [False, True, True])
-            scale = ctx.full / g.count
             sum_dyx = sum_dyx * scale
             sum_dy = sum_dy * scale
-            dx = dy * gi.view(_bshape(dy))
+            gi = w * invstd
+            dx = dy * gi.view(bx)
+            t = gi * k
         else:
-            xs = take(xx)
-            if xx.ndim >= 3 and xx.numel() // (xx.shape[0] * xx.shape[1]) < 8 and xx.is_contiguous():
-                # tiny maps (<= 2x2): aten's NCHW batch-norm backward is ~6x slower here than its channels-last
-                # kernel, even counting the two layout copies
-                cl = torch.channels_last if xx.ndim == 4 else (torch.channels_last_3d if xx.ndim == 5 else None)
-                if cl is not None:
-                    dx, sum_dyx, sum_dy = _bn_backward(dy.contiguous(memory_format=cl), xx.contiguous(memory_format=cl),
-                                                       w, mean, var, None, None, False, eps, [True, True, True])
-                    dx = dx.contiguous()
-                else:
-                    dx, sum_dyx, sum_dy = _bn_backward(dy, xx, w, mean, var, None, None, False, eps, [True, True, True])
+            xs = xx.as_strided(geom[0], geom[1], xx.storage_offset() + geom[2]) if geom is not None else gather(xx, g)
+            if tiny_cl is not None:
+                dx, sum_dyx, sum_dy = _bn_backward(dy.contiguous(memory_format=tiny_cl),
+                                                   xx.contiguous(memory_format=tiny_cl), w, mean, var, None, None,
+                                                   False, eps, [True, True, True])
+                dx = dx.contiguous()
             else:
                 dx, sum_dyx, sum_dy = _bn_backward(dy, xx, w, mean, var, None, None, False, eps, [True, True, True])
+            t = w * invstd * k
         # the statistics' term, sampled elements only: -gi/n * (sum_dy + xhat * sum_dyx) = B * x + A
-        t = gi * (-1.0 / g.count)
         B = t * invstd * sum_dyx
-        A = torch.addcmul(t * sum_dy, B, mean, value=-1)
-        bs = _bshape(xs)
-        if ctx.is_view and not ctx.sample_backward:  # xs is a strided view of x: two in-place passes measured faster
-            dxs = take(dx)
-            dxs.addcmul_(xs, B.view(bs))
-            dxs.add_(A.view(bs))
-        elif ctx.is_view:  # xs is the dense copy: the term densely, then one strided pass
-            take(dx).add_(torch.addcmul(A.view(bs), xs, B.view(bs)))
+        A = torch.addcmul(t * sum_dy, B, mean, value=-1).view(bs)
+        B = B.view(bs)
+        if is_view:
+            dxs = (dx.as_strided(geom[0], geom[1], dx.storage_offset() + geom[2]) if dx.stride() == geom[3]
+                   else gather(dx, g))
+            if sb:  # xs is the dense copy: the term densely, then one strided pass
+                dxs.add_(torch.addcmul(A, xs, B))
+            else:  # xs is a strided view of x: two in-place passes measured faster
+                dxs.addcmul_(xs, B)
+                dxs.add_(A)
         else:
-            scatter_add_(dx, g, torch.addcmul(A.view(bs), xs, B.view(bs)))
-        dw = sum_dyx if (weight is not None and ctx.needs_input_grad[1]) else None
-        db = sum_dy if ctx.needs_input_grad[2] else None
-        return dx, dw, db, None, None, None, None, None, None
+            scatter_add_(dx, g, torch.addcmul(A, xs, B))
+        return (dx, sum_dyx if (weight is not None and ctx.needs_input_grad[1]) else None,
+                sum_dy if ctx.needs_input_grad[2] else None, None, None, None, None, None, None, None)
 
 
 def _dense_sample(s: torch.Tensor) -> torch.Tensor:
@@ -245,14 +239,17 @@ def _bshape(t: torch.Tensor) -> tuple[int, ...]:
 
 def fused_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, group: Group,
                      eps: float, sample_backward: bool, running_mean: torch.Tensor | None,
-                     running_var: torch.Tensor | None, momentum: float
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     running_var: torch.Tensor | None, momentum: float, stats_out: list | None = None
+                     ) -> torch.Tensor:
     """:func:`sampled_batch_norm` for one group in float32/float64, also updating the running statistics
-    in place when given (``momentum`` as in ``nn.BatchNorm``, a float; unbiased by the sample count)."""
+    in place when given (``momentum`` as in ``nn.BatchNorm``, a float; unbiased by the sample count).
+
+    Returns the output only; ``stats_out``, a list, receives ``(mean, biased var)`` (detached) when given.
+    """
     if not x.is_contiguous():
         x = x.contiguous(memory_format=_memory_format(x))
     return _FusedSampledBatchNorm.apply(x, weight, bias, group, eps, sample_backward, running_mean, running_var,
-                                        momentum)
+                                        momentum, stats_out)
 
 
 def _memory_format(t: torch.Tensor) -> torch.memory_format:

@@ -204,8 +204,12 @@ def train_forward(input, n_real, spec, weight, bias, running_mean, running_var, 
         fused = (momentum is not None and running_mean is not None and groups[0].count > 1
                  and running_mean.dtype == input.dtype
                  and running_var.dtype == input.dtype)
-        y, mean, var = fused_batch_norm(input, weight, bias, groups[0], eps, sb, running_mean if fused else None,
-                                        running_var if fused else None, momentum if fused else 0.0)
+        if fused:
+            y = fused_batch_norm(input, weight, bias, groups[0], eps, sb, running_mean, running_var, momentum)
+        else:
+            stats = []
+            y = fused_batch_norm(input, weight, bias, groups[0], eps, sb, None, None, 0.0, stats)
+            mean, var = stats
     else:
         y, mean, var = sampled_batch_norm(input, weight, bias, groups, eps, sb)
     with torch.no_grad():

@@ -413,7 +413,7 @@ def test_gradcheck_fused_kernels(spec, channels_last):
     assert g.view is not None
 
     def f(x, w, b):
-        return fused_batch_norm(x, w, b, g, 1e-5, False, None, None, 0.0)[0]
+        return fused_batch_norm(x, w, b, g, 1e-5, False, None, None, 0.0)
 
     assert torch.autograd.gradcheck(f, (x, w, b))
 
@@ -434,7 +434,7 @@ def test_fused_sample_backward_matches_general_path():
         if fn is None:
             y = sampled_batch_norm(xx, w, b, [g], 1e-5, True)[0]
         else:
-            y = fn(xx, w, b, g, 1e-5, True, None, None, 0.0)[0]
+            y = fn(xx, w, b, g, 1e-5, True, None, None, 0.0)
         y.backward(dy)
         grads.append((xx.grad, w.grad, b.grad))
     for a, e in zip(*grads):
