@@ -183,7 +183,6 @@ class FunctionalBatchNorm(nn.Module):
 
 
 _FUSED_DTYPES = (torch.float32, torch.float64)
-_FUSED_DEVICES = ("cpu", "cuda")  # where aten's batch_norm_update_stats has kernels
 
 
 def train_forward(input, n_real, spec, weight, bias, running_mean, running_var, num_batches_tracked, step,
@@ -198,23 +197,23 @@ def train_forward(input, n_real, spec, weight, bias, running_mean, running_var, 
     counter = num_batches_tracked if num_batches_tracked is not None else step
     groups = build_groups(spec, tuple(input.shape), n_real, N - n_real, counter, seed, host_step)
     sb = bool(getattr(spec, "sample_backward", False)) and len(groups) == 1
-    fused = False
     if (host_step is not None and len(groups) == 1 and input.dtype in _FUSED_DTYPES
-            and input.device.type in _FUSED_DEVICES and (weight is None or weight.dtype == input.dtype)):
+            and (input.is_cpu or input.is_cuda) and (weight is None or weight.dtype == input.dtype)):
         fused = (momentum is not None and running_mean is not None and groups[0].count > 1
                  and running_mean.dtype == input.dtype
                  and running_var.dtype == input.dtype)
-        if fused:
+        if fused:  # the running statistics were updated by the op; only the counter is left
             y = fused_batch_norm(input, weight, bias, groups[0], eps, sb, running_mean, running_var, momentum)
-        else:
-            stats = []
-            y = fused_batch_norm(input, weight, bias, groups[0], eps, sb, None, None, 0.0, stats)
-            mean, var = stats
+            counter.add_(1)  # a buffer (no grad): no need for a no_grad block
+            return y
+        stats = []
+        y = fused_batch_norm(input, weight, bias, groups[0], eps, sb, None, None, 0.0, stats)
+        mean, var = stats
     else:
         y, mean, var = sampled_batch_norm(input, weight, bias, groups, eps, sb)
     with torch.no_grad():
         counter.add_(1)
-        if running_mean is not None and not fused:
+        if running_mean is not None:
             n = sum(g.count for g in groups)
             unbiased = var * (n / (n - 1)) if n > 1 else var
             if momentum is None:  # cumulative moving average, as nn.BatchNorm with momentum=None
