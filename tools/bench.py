@@ -133,7 +133,11 @@ def bench_layer(args) -> dict:
     from fxbns import SampledBatchNorm
 
     device = torch.device(args.device)
-    shapes = [("resnet50-b64", s) for s in RESNET50_B64] + [("cifar-resnet-b128", s) for s in CIFAR_B128]
+    counts = {}
+    if args.shapes == "paper":
+        shapes = [("resnet50-b64", s) for s in RESNET50_B64] + [("cifar-resnet-b128", s) for s in CIFAR_B128]
+    else:  # the BN input shapes of a torchvision model in a training step, each once, with how often it occurs
+        shapes, counts = _model_bn_shapes(args.shapes)
     if args.quick:
         shapes = [shapes[1], shapes[3], shapes[5], shapes[8]]
     ests = layer_estimators(args.estimators.split(","))
@@ -174,10 +178,35 @@ def bench_layer(args) -> dict:
         r = [x for x in rows if x["estimator"] == name]
         summary[name] = {"fwd_bwd_geomean": _geomean([x["fwd_bwd"]["speedup"] for x in r]),
                          "fwd_geomean": _geomean([x["fwd"]["speedup"] for x in r])}
+        if counts:  # a model's BN layers: total time per training step, every layer counted as often as it occurs
+            n = [counts[tuple(x["shape"])] for x in r]
+            summary[name]["step_native_fwd_bwd_ms"] = sum(c * x["fwd_bwd"]["a_ms"] for c, x in zip(n, r))
+            summary[name]["step_fxbns_fwd_bwd_ms"] = sum(c * x["fwd_bwd"]["b_ms"] for c, x in zip(n, r))
     print("\ngeometric-mean speedup over the shapes (native time / fxbns time):")
     for name, s in summary.items():
-        print(f"  {name:12s} fwd+bwd {s['fwd_bwd_geomean']:.2f}x   fwd-only {s['fwd_geomean']:.2f}x")
-    return {"mode": "layer", "rows": rows, "summary": summary}
+        tot = (f"   all {sum(counts.values())} BN layers of a step: native {s['step_native_fwd_bwd_ms']:.1f} ms, "
+               f"fxbns {s['step_fxbns_fwd_bwd_ms']:.1f} ms fwd+bwd") if counts else ""
+        print(f"  {name:12s} fwd+bwd {s['fwd_bwd_geomean']:.2f}x   fwd-only {s['fwd_geomean']:.2f}x{tot}")
+    return {"mode": "layer", "shapes": args.shapes, "rows": rows, "summary": summary,
+            "counts": [[list(k), v] for k, v in counts.items()]}
+
+
+def _model_bn_shapes(arch: str):
+    """The input shapes of every BatchNorm2d of a torchvision model at its train-bench batch and size."""
+    import torch
+    import torchvision
+
+    _, batch, size = TRAIN_MODELS[arch]
+    m = torchvision.models.get_model(arch, weights=None, num_classes=100)
+    seen: dict = {}
+    hooks = [mod.register_forward_hook(lambda mod, i, o: seen.__setitem__(tuple(i[0].shape),
+                                                                           seen.get(tuple(i[0].shape), 0) + 1))
+             for mod in m.modules() if isinstance(mod, torch.nn.BatchNorm2d)]
+    with torch.no_grad():
+        m(torch.randn(batch, 3, size, size))
+    for h in hooks:
+        h.remove()
+    return [(f"{arch}-b{batch}", s) for s in seen], seen
 
 
 # --------------------------------------------------------------------------------------------- train
@@ -430,6 +459,8 @@ def main() -> int:
     ap.add_argument("--allocator", choices=["tuned", "default"], default="tuned")
     ap.add_argument("--out", help="JSON record path (default bench-results/<mode>-<time>.json)")
     ap.add_argument("--quick", action="store_true", help="layer: 4 shapes only")
+    ap.add_argument("--shapes", default="paper", help="layer: 'paper' (ResNet-50 b64 and CIFAR ResNet b128 BN "
+                    "shapes) or a train-bench model name (its BN shapes, and the per-step total)")
     ap.add_argument("--estimators", default="bs,bs_sb,fs,fs_sb", help="layer: comma-separated")
     ap.add_argument("--models", default="resnet18,resnet50,mobilenet_v2,densenet121,efficientnet_b0")
     ap.add_argument("--presets", default="bs,bs_sb,fs,fs_sb", help="train: presets, _sb = sample_backward on")
