@@ -56,7 +56,9 @@ class SampledBatchNorm(_BatchNorm):
 
     def _next_host_step(self) -> int | None:
         """The step counter for this training forward as a Python int, advanced; ``None`` under
-        ``torch.compile``, where samples are drawn from the device counter instead."""
+        ``torch.compile``, where samples are drawn from the device counter instead.  Compiled steps do not
+        advance this host copy, so eager steps after compiled ones continue the eager sequence (valid samples,
+        a different sequence) until a state dict is loaded, which re-reads the device counter."""
         if torch.compiler.is_compiling():
             return None
         s = self._host_step
