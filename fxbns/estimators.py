@@ -51,9 +51,10 @@ class Exact:
 class BatchSampling:
     """Batch Sampling (BS): statistics from ``m = clamp(ceil(ratio*N), min_samples, N)`` whole samples.
 
-    ``draw="block"`` takes a contiguous block of rows at a random offset (wrapping around);
-    ``draw="random"`` takes random distinct rows.  ``sample_backward=True`` also estimates the
-    backward sums (d-gamma, d-beta and the statistics' gradient terms) from the sample.
+    ``draw="block"`` takes a contiguous block of rows at a random offset (a view of the batch, the faster
+    draw); ``draw="random"`` takes random distinct rows.  ``sample_backward=True`` also estimates the
+    backward sums (d-gamma, d-beta and the statistics' gradient terms) from the sample, in eager mode;
+    under ``torch.compile`` the exact sums are used (the compiled estimate measured slower).
     """
 
     ratio: float = 0.125
@@ -91,7 +92,7 @@ class FeatureSampling:
     points as one contiguous run of the flattened map (whole rows and parts of rows, in memory order),
     the layout that is cheapest to read.  ``per_sample=True``: every sample has its own random offset
     (for ``band``: the batch's bands are spread evenly from the top of the map to the bottom, at a random
-    shift).  Neither given: ``area_ratio=1/16``.
+    shift).  Neither given: ``area_ratio=1/16``.  ``sample_backward``: as for :class:`BatchSampling`.
     """
 
     patch: tuple[int, ...] | None = None
