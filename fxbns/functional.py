@@ -130,6 +130,14 @@ def _takes_view(g: Group) -> bool:
     return g.view is not None or (g.rows is None and g.pos is None)
 
 
+def _retake(t: torch.Tensor, geom, g: Group) -> torch.Tensor:
+    """The sample of ``t`` (x, dy or dx): the view recorded in the forward when ``t`` has x's strides,
+    else the group's own view or gather."""
+    if geom is not None and t.stride() == geom[3]:
+        return t.as_strided(geom[0], geom[1], t.storage_offset() + geom[2])
+    return gather(t, g)
+
+
 class _FusedSampledBatchNorm(torch.autograd.Function):
     """One sample group in float32/float64: each step is one fused aten kernel.
 
@@ -179,8 +187,7 @@ class _FusedSampledBatchNorm(torch.autograd.Function):
         invstd = torch.rsqrt(var + eps)
         if sb:
             xs = xx
-            dys = _dense_sample(dy.as_strided(geom[0], geom[1], dy.storage_offset() + geom[2])
-                                if geom is not None and dy.stride() == geom[3] else gather(dy, g))
+            dys = _dense_sample(_retake(dy, geom, g))
             _, sum_dyx, sum_dy = _bn_backward(dys, xs, w, mean, var, None, None, False, eps, [False, True, True])
             sum_dyx = sum_dyx * scale
             sum_dy = sum_dy * scale
@@ -188,7 +195,7 @@ class _FusedSampledBatchNorm(torch.autograd.Function):
             dx = dy * gi.view(bx)
             t = gi * k
         else:
-            xs = xx.as_strided(geom[0], geom[1], xx.storage_offset() + geom[2]) if geom is not None else gather(xx, g)
+            xs = _retake(xx, geom, g)
             if tiny_cl is not None:
                 dx, sum_dyx, sum_dy = _bn_backward(dy.contiguous(memory_format=tiny_cl),
                                                    xx.contiguous(memory_format=tiny_cl), w, mean, var, None, None,
@@ -202,8 +209,7 @@ class _FusedSampledBatchNorm(torch.autograd.Function):
         A = torch.addcmul(t * sum_dy, B, mean, value=-1).view(bs)
         B = B.view(bs)
         if is_view:
-            dxs = (dx.as_strided(geom[0], geom[1], dx.storage_offset() + geom[2]) if dx.stride() == geom[3]
-                   else gather(dx, g))
+            dxs = _retake(dx, geom, g)
             if sb:  # xs is the dense copy: the term densely, then one strided pass
                 dxs.add_(torch.addcmul(A, xs, B))
             else:  # xs is a strided view of x: two in-place passes measured faster
@@ -230,11 +236,6 @@ def _dense_sample(s: torch.Tensor) -> torch.Tensor:
     if s.ndim == 4 and s.stride(1) == 1:  # channels innermost: a channels-last copy keeps the reads contiguous
         return s.contiguous(memory_format=torch.channels_last)
     return s.contiguous()
-
-
-def _bshape(t: torch.Tensor) -> tuple[int, ...]:
-    """Shape that broadcasts a per-channel vector against ``t`` (channel dim 1)."""
-    return (1, t.shape[1]) + (1,) * (t.ndim - 2)
 
 
 def fused_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, group: Group,

@@ -152,13 +152,6 @@ def scatter_add_(dx: torch.Tensor, g: Group, values: torch.Tensor) -> None:
         v.scatter_add_(2, g.pos.unsqueeze(1).expand(-1, v.shape[1], -1), values)
 
 
-def _draw(step: torch.Tensor, host_step: int | None, seed: int, count: int):
-    """``count`` random ints: a list of Python ints when drawn on the host, else a device tensor."""
-    if host_step is not None:
-        return random_ints_host(host_step, seed, count)
-    return random_ints(step, seed, count)
-
-
 def _bs_group(spec: BatchSampling, start: int, n: int, elems_per_row: int, step: torch.Tensor,
               seed: int, weight: float, host_step: int | None = None) -> Group:
     m = spec.sample_count(n)
@@ -217,11 +210,10 @@ def _column_unevenness(k: int, d: int, length: int, row: int) -> int:
     for i in range(k):
         c = (i * d) % row
         end = c + rest
+        diff[c] += 1
         if end <= row:
-            diff[c] += 1
             diff[end] -= 1
-        else:
-            diff[c] += 1
+        else:  # wraps into the next map row: columns [c, row) and [0, end - row)
             diff[row] -= 1
             diff[0] += 1
             diff[end - row] -= 1
@@ -290,10 +282,10 @@ def _fs_group(spec: FeatureSampling, shape: tuple[int, ...], start: int, n: int,
             k, d, slack = band_plan(n, size, length, spatial[-1])
         else:
             k, d, slack = 1, 0, size - length
-        r = _draw(step, host_step, seed, 1)
         if host_step is not None:
-            return Group(start, n, weight, n * length, view=_band_view(start, n, k, d, r[0] % (slack + 1), length))
-        o0 = r % (slack + 1)
+            o0 = random_ints_host(host_step, seed, 1)[0] % (slack + 1)
+            return Group(start, n, weight, n * length, view=_band_view(start, n, k, d, o0, length))
+        o0 = random_ints(step, seed, 1) % (slack + 1)
         ar = torch.arange(length, device=step.device)
         if not spec.per_sample:
             return Group(start, n, weight, n * length, pos=o0 + ar)

@@ -430,11 +430,10 @@ def test_fused_sample_backward_matches_general_path():
         w = torch.ones(4, dtype=torch.float64, requires_grad=True)
         b = torch.zeros(4, dtype=torch.float64, requires_grad=True)
         (g,) = build_groups(spec, shape, 8, 0, torch.tensor(3), seed=1, host_step=host)
-        fn = fused_batch_norm if host is not None else None
-        if fn is None:
+        if host is None:
             y = sampled_batch_norm(xx, w, b, [g], 1e-5, True)[0]
         else:
-            y = fn(xx, w, b, g, 1e-5, True, None, None, 0.0)
+            y = fused_batch_norm(xx, w, b, g, 1e-5, True, None, None, 0.0)
         y.backward(dy)
         grads.append((xx.grad, w.grad, b.grad))
     for a, e in zip(*grads):
