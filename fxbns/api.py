@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._version import __version__
-from .estimators import Exact, FeatureSampling, VirtualDataset
+from .estimators import BatchSampling, Exact, FeatureSampling, VirtualDataset
 from .modules import FunctionalBatchNorm, SampledBatchNorm
 from .passes.match import Site, find_sites
 from .passes.rewrite import rewrite_graph, swap_modules
@@ -132,6 +132,10 @@ def _rows(sites: list[Site], virtual: bool) -> list[dict[str, Any]]:
         n, frac = sample_size(s.spec, s.shape)
         notes = list(s.notes)
         fs = s.spec.real if isinstance(s.spec, VirtualDataset) else s.spec
+        below = (s.spec.exact_below_batch(tuple(s.shape))
+                 if isinstance(s.spec, (BatchSampling, FeatureSampling)) and s.shape is not None else None)
+        if below is not None and below > 1:
+            notes.append(f"exact below batch {below} (min_elements {s.spec.min_elements})")
         if isinstance(fs, FeatureSampling) and s.shape is not None and len(s.shape) == 2:
             notes.append(f"(N, C) input has no feature map: FS falls back to {fs_fallback(fs).describe()}")
         if s.spec is None and virtual and s.reason == "policy: exact":
@@ -140,6 +144,7 @@ def _rows(sites: list[Site], virtual: bool) -> list[dict[str, Any]]:
                      "producer_name": s.producer_name, "shape": list(s.shape) if s.shape else None,
                      "estimator": s.spec.describe() if s.spec is not None else "exact",
                      "spec": s.spec, "sample": n, "fraction": frac, "calls": s.calls,
+                     "exact_below_batch": below,
                      "reason": "; ".join([r for r in [s.reason] if r] + notes) or None})
     return rows
 

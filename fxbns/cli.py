@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", help="export the inference model to this ONNX file (checked in onnxruntime)")
     p.add_argument("--report", help="write the per-layer report as JSON here")
     p.add_argument("--explain", action="store_true", help="dry run: print the plan, write nothing but --report")
+    p.add_argument("--min-elements", type=int, help="layers smaller than this (N*C*max(H*W,16)) keep exact "
+                   "statistics; 0 samples every layer (the bs and fs presets use 262144)")
     p.add_argument("--seed", type=int, default=0, help="seed for model init and sampling (default 0)")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     return p
@@ -193,6 +195,11 @@ def run(args) -> int:
     except (ValueError, TypeError) as e:
         raise CLIError(f"--policy: {e}", 2) from None
     policy.set_seed(args.seed)
+    if args.min_elements is not None:
+        try:
+            policy.set_min_elements(args.min_elements)
+        except ValueError as e:
+            raise CLIError(f"--min-elements: {e}", 2) from None
     with _step("loading the model"):
         model, what = _load_model(args)
     x = torch.randn(shape)

@@ -37,6 +37,35 @@ def _check_bool(spec: str, name: str, value: Any) -> None:
     _check(isinstance(value, bool), spec, name, "True or False", value)
 
 
+def _check_min_elements(spec: str, value: Any) -> None:
+    _check(isinstance(value, int) and not isinstance(value, bool) and value >= 0, spec, "min_elements",
+           "an integer >= 0 (0: sample every layer)", value)
+
+
+#: Maps smaller than this many elements count as this many in ``min_elements`` (see :func:`layer_size`).
+MAP_FLOOR = 16
+
+
+def layer_size(shape: tuple[int, ...]) -> int:
+    """The size ``min_elements`` is compared with: ``N * C * max(map size, 16)`` for an input of ``shape``
+    (real rows only).
+
+    A layer below a spec's ``min_elements`` computes exact statistics with the native kernels: on small
+    layers the sampled op's fixed cost (a few small kernels and Python) exceeds what its smaller reductions
+    save.  Native batch norm's own cost has a floor per (sample, channel) plane on tiny maps (measured on a
+    2-core CPU, its fwd+bwd on 32x960x2x2 takes twice as long as on 32x576x4x4), so maps under 16 elements
+    count as 16.  The ``bs`` and ``fs`` presets use ``2**18``, the crossover measured with
+    ``python tools/bench.py layer --shapes mobilenet_v2``.  It applies where the spec is the site's
+    estimator, not as the real part of a :class:`VirtualDataset`.
+    """
+    planes = shape[0] * (shape[1] if len(shape) > 1 else 1)
+    return planes * max(math.prod(shape[2:]), MAP_FLOOR)
+
+
+def _below(spec: Any, shape: tuple[int, ...]) -> bool:
+    return spec.min_elements > 0 and layer_size(shape) < spec.min_elements
+
+
 @dataclass(frozen=True)
 class Exact:
     """Plain BatchNorm: statistics over the whole batch (the site is left as it is)."""
@@ -55,12 +84,14 @@ class BatchSampling:
     draw); ``draw="random"`` takes random distinct rows.  ``sample_backward=True`` also estimates the
     backward sums (d-gamma, d-beta and the statistics' gradient terms) from the sample, in eager mode;
     under ``torch.compile`` the exact sums are used (the compiled estimate measured slower).
+    ``min_elements``: below this :func:`layer_size` the layer computes exact statistics (0: always sample).
     """
 
     ratio: float = 0.125
     min_samples: int = 2
     sample_backward: bool = False
     draw: str = "block"
+    min_elements: int = 0
     kind = "bs"
 
     def __post_init__(self) -> None:
@@ -70,6 +101,19 @@ class BatchSampling:
                and self.min_samples >= 1, "BatchSampling", "min_samples", "an integer >= 1", self.min_samples)
         _check_bool("BatchSampling", "sample_backward", self.sample_backward)
         _check(self.draw in ("block", "random"), "BatchSampling", "draw", "'block' or 'random'", self.draw)
+        _check_min_elements("BatchSampling", self.min_elements)
+
+    def exact_at(self, shape: tuple[int, ...]) -> bool:
+        """Whether an input of ``shape`` (real rows) is below ``min_elements`` and gets exact statistics."""
+        return _below(self, shape)
+
+    def exact_below_batch(self, shape: tuple[int, ...]) -> int:
+        """The smallest batch at which an input shaped like ``shape`` (any batch) is sampled; 0 when
+        ``min_elements`` is 0.  Batches under it get exact statistics."""
+        if not self.min_elements:
+            return 0
+        per_row = layer_size((1, *shape[1:]))
+        return -(-self.min_elements // per_row)
 
     def sample_count(self, n: int) -> int:
         """Rows used out of a batch of ``n``."""
@@ -79,7 +123,7 @@ class BatchSampling:
 
     def describe(self) -> str:
         sb = ", sample_backward" if self.sample_backward else ""
-        return f"bs(ratio={self.ratio:g}{sb})"
+        return f"bs(ratio={self.ratio:g}{sb}{_min_desc(self)})"
 
 
 @dataclass(frozen=True)
@@ -93,6 +137,7 @@ class FeatureSampling:
     the layout that is cheapest to read.  ``per_sample=True``: every sample has its own random offset
     (for ``band``: the batch's bands are spread evenly from the top of the map to the bottom, at a random
     shift).  Neither given: ``area_ratio=1/16``.  ``sample_backward``: as for :class:`BatchSampling`.
+    ``min_elements``: below this :func:`layer_size` the layer computes exact statistics (0: always sample).
     """
 
     patch: tuple[int, ...] | None = None
@@ -100,6 +145,7 @@ class FeatureSampling:
     layout: str = "patch"
     per_sample: bool = False
     sample_backward: bool = False
+    min_elements: int = 0
     kind = "fs"
 
     def __post_init__(self) -> None:
@@ -119,6 +165,10 @@ class FeatureSampling:
                self.layout)
         _check_bool("FeatureSampling", "per_sample", self.per_sample)
         _check_bool("FeatureSampling", "sample_backward", self.sample_backward)
+        _check_min_elements("FeatureSampling", self.min_elements)
+
+    exact_at = BatchSampling.exact_at
+    exact_below_batch = BatchSampling.exact_below_batch
 
     def points(self, spatial: tuple[int, ...]) -> tuple[int, ...]:
         """Points taken along each spatial dim of a map of size ``spatial`` (clamped to the map)."""
@@ -146,7 +196,11 @@ class FeatureSampling:
         size = f"patch={self.patch}" if self.patch is not None else f"area={self.area_ratio:g}"
         ps = ", per_sample" if self.per_sample else ""
         sb = ", sample_backward" if self.sample_backward else ""
-        return f"fs({self.layout}, {size}{ps}{sb})"
+        return f"fs({self.layout}, {size}{ps}{sb}{_min_desc(self)})"
+
+
+def _min_desc(spec: Any) -> str:
+    return f", exact below {spec.min_elements}" if spec.min_elements else ""
 
 
 Real = BatchSampling | FeatureSampling | None

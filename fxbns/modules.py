@@ -142,8 +142,13 @@ class SampledBatchNorm(_BatchNorm):
             return super().forward(input)
         self._check_input_dim(input)
         n_real, spec = self._resolve(input, n_real)
-        if isinstance(spec, Exact) and n_real == input.shape[0]:
-            return super().forward(input)
+        if _exact_here(spec, input.shape, n_real):
+            if n_real == input.shape[0]:
+                self._next_host_step()  # keep the host counter in step with the device counter
+                if not self.track_running_stats:
+                    self._fxbns_step.add_(1)
+                return super().forward(input)
+            spec = Exact()
         return train_forward(input, n_real, spec, self.weight, self.bias, self.running_mean, self.running_var,
                              self.num_batches_tracked if self.track_running_stats else None, self._fxbns_step,
                              self.momentum, self.eps, self.seed, self._next_host_step())
@@ -178,13 +183,25 @@ class FunctionalBatchNorm(nn.Module):
             return F.batch_norm(input, running_mean, running_var, weight, bias, running_mean is None, self.momentum,
                                 self.eps)
         n_real, spec = self._resolve(input, n_real)
-        if isinstance(spec, Exact) and n_real == input.shape[0]:
-            return F.batch_norm(input, running_mean, running_var, weight, bias, True, self.momentum, self.eps)
+        if _exact_here(spec, input.shape, n_real):
+            if n_real == input.shape[0]:
+                self._next_host_step()
+                self._fxbns_step.add_(1)
+                return F.batch_norm(input, running_mean, running_var, weight, bias, True, self.momentum, self.eps)
+            spec = Exact()
         return train_forward(input, n_real, spec, weight, bias, running_mean, running_var, None, self._fxbns_step,
                              self.momentum, self.eps, self.seed, self._next_host_step())
 
 
 _FUSED_DTYPES = (torch.float32, torch.float64)
+
+
+def _exact_here(spec, shape: torch.Size, n_real: int) -> bool:
+    """Exact statistics for this call: an ``Exact`` spec, or a BS/FS spec whose ``min_elements`` exceeds the
+    layer's size (shape ints, known on the host in eager mode and static under compile: no sync)."""
+    if isinstance(spec, Exact):
+        return True
+    return getattr(spec, "min_elements", 0) > 0 and spec.exact_at((n_real, *shape[1:]))
 
 
 def train_forward(input, n_real, spec, weight, bias, running_mean, running_var, num_batches_tracked, step,

@@ -14,6 +14,7 @@ True
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import os
@@ -35,7 +36,10 @@ from .estimators import (
 
 __all__ = ["Policy", "PRESETS", "resolve_policy"]
 
-_FS_DEFAULT = FeatureSampling(area_ratio=1 / 16, layout="band", per_sample=True)
+#: Layers below this size (``fxbns.estimators.layer_size``) keep exact statistics in the bs and fs presets.
+PRESET_MIN_ELEMENTS = 2 ** 18
+_FS_SAMPLE = FeatureSampling(area_ratio=1 / 16, layout="band", per_sample=True)
+_FS_DEFAULT = FeatureSampling(area_ratio=1 / 16, layout="band", per_sample=True, min_elements=PRESET_MIN_ELEMENTS)
 
 #: Preset name -> (description, factory).  The numbers are the ones documented in the README.
 PRESETS: dict[str, tuple[str, Callable[[], Policy]]] = {}
@@ -109,6 +113,27 @@ class Policy:
         if micro is not None and not isinstance(micro, MicroBatch):
             raise TypeError(f"set_micro_batch takes a MicroBatch or None; got {micro!r}")
         self.micro = micro
+        return self
+
+    def set_min_elements(self, n: int) -> Policy:
+        """Set ``min_elements`` on every BS and FS spec of the policy (default, conv pairs, types, names).
+
+        Layers smaller than ``n`` (``fxbns.estimators.layer_size``) then keep exact statistics; ``0`` samples
+        every layer.  The ``bs`` and ``fs`` presets use ``2**18``.  Specs set later are not changed.
+        """
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"min_elements must be an integer >= 0 (0: sample every layer); got {n!r}")
+
+        def fix(spec):
+            return dataclasses.replace(spec, min_elements=n) if isinstance(spec, (BatchSampling, FeatureSampling)) \
+                else spec
+
+        self.default = fix(self.default)
+        if self.conv_bn is not _UNSET:
+            self.conv_bn = fix(self.conv_bn)
+        self.object_types = [(c, fix(s)) for c, s in self.object_types]
+        self.name_regexes = [(p, fix(s)) for p, s in self.name_regexes]
+        self.names = {k: fix(v) for k, v in self.names.items()}
         return self
 
     def set_seed(self, seed: int) -> Policy:
@@ -276,19 +301,21 @@ def _exact() -> Policy:
     return Policy(Exact())
 
 
-@_preset("bs", "Batch Sampling: statistics from 1/8 of the batch (at least 2 samples), a contiguous block")
+@_preset("bs", "Batch Sampling: statistics from 1/8 of the batch (at least 2 samples), a contiguous block; "
+                "layers under 2**18 elements exact")
 def _bs() -> Policy:
-    return Policy(BatchSampling(ratio=0.125, min_samples=2))
+    return Policy(BatchSampling(ratio=0.125, min_samples=2, min_elements=PRESET_MIN_ELEMENTS))
 
 
-@_preset("fs", "Feature Sampling: 1/16 of every feature map on a strided grid, a random offset per sample")
+@_preset("fs", "Feature Sampling: 1/16 of every feature map as a band, spread over the batch from top to bottom; "
+                "layers under 2**18 elements exact")
 def _fs() -> Policy:
     return Policy(_FS_DEFAULT)
 
 
 @_preset("vdn", "Virtual Dataset Normalization: 4 virtual samples pooled 1:1 with a 1/16 FS sample of the real rows")
 def _vdn() -> Policy:
-    return Policy(VirtualDataset(num_samples=4, mix=0.5, real=_FS_DEFAULT))
+    return Policy(VirtualDataset(num_samples=4, mix=0.5, real=_FS_SAMPLE))
 
 
 @_preset("micro", "fs, and at batch <= 4 every site pools all real rows 1:1 with 4 virtual samples")

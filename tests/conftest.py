@@ -14,3 +14,10 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def every_layer(preset: str):
+    """A preset's policy with ``min_elements=0``: the tests' small inputs are sampled, not left exact."""
+    from fxbns import Policy
+
+    return Policy.from_preset(preset).set_min_elements(0)

@@ -59,7 +59,7 @@ def test_state_dict_with_arch_and_explain(tmp_path):
     p = run(tmp_path / "sd.pt", "--arch", "torchvision:mobilenet_v2", "--num-classes", "7", "--policy", "bs",
             "--input-shape", "2,3,64,64", "--explain", "--report", tmp_path / "r.json")
     assert p.returncode == 0, p.stderr
-    assert "52 BatchNorm sites" in p.stdout and "bs(ratio=0.125)" in p.stdout
+    assert "52 BatchNorm sites" in p.stdout and "bs(ratio=0.125, exact below 262144)" in p.stdout
     assert json.loads((tmp_path / "r.json").read_text())["sites"][0]["shape"] == [2, 32, 32, 32]
     # a state_dict that does not fit the architecture
     p = run(tmp_path / "sd.pt", "--arch", "torchvision:mobilenet_v2", "--input-shape", "2,3,64,64")

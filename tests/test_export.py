@@ -8,6 +8,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import torchvision
+from conftest import every_layer
 from torch import nn
 
 import fxbns
@@ -17,7 +18,7 @@ def _trained(preset, model=None, shape=(4, 3, 32, 32)):
     torch.manual_seed(0)
     model = model or torchvision.models.resnet18(num_classes=10)
     x = torch.randn(shape)
-    gm = fxbns.transform(model, preset, example_inputs=x)
+    gm = fxbns.transform(model, every_layer(preset), example_inputs=x)
     opt = torch.optim.SGD(gm.parameters(), lr=0.01)
     for _ in range(2):
         opt.zero_grad()

@@ -10,6 +10,7 @@ import dataclasses
 import pytest
 import torch
 import torchvision
+from conftest import every_layer
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -86,7 +87,7 @@ def test_eager_cpu_step_never_reads_a_tensor_on_the_host(spec):
 @pytest.mark.parametrize("preset", ["bs", "fs", "vdn", "micro"])
 def test_transformed_model_meta_step(preset):
     m = torchvision.models.resnet18(num_classes=10)
-    gm = fxbns.transform(m, preset, example_inputs=torch.randn(2, 3, 32, 32)).to("meta")
+    gm = fxbns.transform(m, every_layer(preset), example_inputs=torch.randn(2, 3, 32, 32)).to("meta")
     gm.train()
     out = gm(torch.randn(2, 3, 32, 32, device="meta"))
     assert out.shape == (2, 10)

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from conftest import every_layer
 from torch import nn
 
 import fxbns
@@ -78,7 +79,7 @@ def _hard_model():
 def test_untraceable_parts_become_opaque_and_are_still_rewritten(preset):
     m = _hard_model()
     x = torch.randn(3, 3, 8, 8)
-    gm = fxbns.transform(m, preset, example_inputs=x)
+    gm = fxbns.transform(m, every_layer(preset), example_inputs=x)
     rep = fxbns.report(gm)
     assert rep.mode == "graph"
     assert set(rep.opaque) == {"stem", "a", "loop"}
@@ -373,7 +374,7 @@ def test_compiled_transformed_model_trains():
     torch._dynamo.reset()
     torch.manual_seed(0)
     m = torchvision.models.resnet18(num_classes=4)
-    gm = fxbns.transform(m, "fs")
+    gm = fxbns.transform(m, every_layer("fs"))
     cgm = torch.compile(gm)
     opt = torch.optim.SGD(gm.parameters(), lr=0.05)
     x = torch.randn(8, 3, 32, 32)

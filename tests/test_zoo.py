@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+from conftest import every_layer
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision import models as M
 
@@ -57,7 +58,7 @@ def test_zoo(name, preset):
     torch.manual_seed(0)
     model = fn(num_classes=10, **kw)
     x = torch.randn(2, 3, size, size)
-    gm = fxbns.transform(model, preset, example_inputs=x)
+    gm = fxbns.transform(model, every_layer(preset), example_inputs=x)
 
     # (a) eval equals the original's eval
     model.eval()
@@ -88,7 +89,7 @@ def test_zoo(name, preset):
     assert not res.missing_keys and set(res.unexpected_keys) == extra
     assert fxbns.revert(gm).state_dict().keys() == fresh.state_dict().keys()
     fresh.load_state_dict(fxbns.revert(gm).state_dict())  # strict: the reverted model has the original keys
-    gm2 = fxbns.transform(fn(num_classes=10, **kw), preset, example_inputs=x)
+    gm2 = fxbns.transform(fn(num_classes=10, **kw), every_layer(preset), example_inputs=x)
     gm2.load_state_dict(model.state_dict())  # original -> transformed, strict
     gm2.load_state_dict(sd)  # transformed -> transformed, including the virtual samples
     if extra:

@@ -253,6 +253,8 @@ def bench_train(args) -> dict:
     for p, pol in policies.items():
         if p.endswith("_sb"):
             pol.default = type(pol.default)(**{**pol.default.__dict__, "sample_backward": True})
+        if args.min_elements is not None:
+            pol.set_min_elements(args.min_elements)
     rows = []
     for name in names:
         arch, batch, size = TRAIN_MODELS[name]
@@ -290,6 +292,8 @@ def bench_train(args) -> dict:
                 layer_x = args.layer_speedup
                 bound = 1 / (1 - share * (1 - 1 / layer_x)) if layer_x else None
                 row = {"model": name, "batch": batch, "size": size, "mode": mode, "preset": pname,
+                       "min_elements": pol.default.min_elements,
+                       "exact_at_size": sum((r.get("exact_below_batch") or 0) > batch for r in fxbns.report(gm)),
                        "native_ms": r["a_ms"], "fxbns_ms": r["b_ms"], "speedup": r["speedup"], "spread": r["spread"],
                        "bn_share": share, "bound_at_layer_speedup": [layer_x, bound], **mem}
                 rows.append(row)
@@ -297,7 +301,7 @@ def bench_train(args) -> dict:
                 mr = f"{mem['mem_ratio']:.3f}x" if mem else "-"
                 print(f"{name:16s} {batch}x3x{size}x{size} {mode:7s} {pname:7s} native {r['a_ms']:8.1f} ms  fxbns "
                       f"{r['b_ms']:8.1f} ms  {r['speedup']:.3f}x [{r['spread'][0]:.2f}-{r['spread'][1]:.2f}]  "
-                      f"BN share {100 * share:4.1f}%  bound {b}  peak mem {mr}", flush=True)
+                      f"BN share {100 * share:4.1f}%  bound {b}  peak mem {mr}  exact-size BNs {row['exact_at_size']}", flush=True)
     return {"mode": "train", "rows": rows}
 
 
@@ -471,6 +475,9 @@ def main() -> int:
                     help="train: per-layer speedup used for the upper bound (default 2.0, the pass-count limit)")
     ap.add_argument("--shape", default="64x512x28x28", help="kernels: the BN input shape")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--min-elements", type=int, default=None,
+                    help="train: override the presets' min_elements (layers smaller than this keep exact "
+                         "statistics; 0 samples every layer)")
     ap.add_argument("--no-memory", action="store_true", help="train: skip the peak-memory subprocess runs")
     args = ap.parse_args()
     _ensure_allocator(args.allocator)
