@@ -42,24 +42,26 @@ def _check_min_elements(spec: str, value: Any) -> None:
            "an integer >= 0 (0: sample every layer)", value)
 
 
-#: Maps smaller than this many elements count as this many in ``min_elements`` (see :func:`layer_size`).
+#: Maps of 2 to this many elements count as this many in ``min_elements`` (see :func:`layer_size`).
 MAP_FLOOR = 16
 
 
 def layer_size(shape: tuple[int, ...]) -> int:
-    """The size ``min_elements`` is compared with: ``N * C * max(map size, 16)`` for an input of ``shape``
-    (real rows only).
+    """The size ``min_elements`` is compared with, for an input of ``shape`` (real rows only):
+    ``N * C * max(map size, 16)``, where a map of one element (1x1, or an (N, C) input) counts as 1.
 
     A layer below a spec's ``min_elements`` computes exact statistics with the native kernels: on small
     layers the sampled op's fixed cost (a few small kernels and Python) exceeds what its smaller reductions
-    save.  Native batch norm's own cost has a floor per (sample, channel) plane on tiny maps (measured on a
-    2-core CPU, its fwd+bwd on 32x960x2x2 takes twice as long as on 32x576x4x4), so maps under 16 elements
-    count as 16.  The ``bs`` and ``fs`` presets use ``2**18``, the crossover measured with
-    ``python tools/bench.py layer --shapes mobilenet_v2``.  It applies where the spec is the site's
-    estimator, not as the real part of a :class:`VirtualDataset`.
+    save.  Native batch norm's own cost has a floor per (sample, channel) plane on maps of 2 to 15
+    elements (measured on a 2-core CPU: 30-50 ns per plane for 2x2 to 4x4 maps, against 5 ns for 1x1
+    maps, which it handles like a plain (N, C) reduction), so those count as 16.  The ``bs`` and ``fs``
+    presets use ``2**18``, the crossover measured with ``python tools/bench.py layer --shapes mobilenet_v2``
+    and ``--shapes resnet18``.  It applies where the spec is the site's estimator, not as the real part of
+    a :class:`VirtualDataset`.
     """
     planes = shape[0] * (shape[1] if len(shape) > 1 else 1)
-    return planes * max(math.prod(shape[2:]), MAP_FLOOR)
+    m = math.prod(shape[2:])
+    return planes * (m if m == 1 else max(m, MAP_FLOOR))
 
 
 def _below(spec: Any, shape: tuple[int, ...]) -> bool:

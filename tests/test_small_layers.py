@@ -21,8 +21,11 @@ BIG = 10 ** 9  # a min_elements no test layer reaches
 def test_layer_size_counts_tiny_maps_as_16():
     assert layer_size((32, 64, 8, 8)) == 32 * 64 * 64
     assert layer_size((32, 960, 2, 2)) == 32 * 960 * 16  # a 2x2 map counts as 4x4
+    assert layer_size((32, 960, 3, 3)) == 32 * 960 * 16
     assert layer_size((32, 960, 4, 4)) == 32 * 960 * 16
-    assert layer_size((16, 10)) == 16 * 10 * 16  # (N, C): no map
+    assert layer_size((64, 512, 1, 1)) == 64 * 512  # 1x1: native is fast there, no floor
+    assert layer_size((16, 10)) == 16 * 10  # (N, C): no map
+    assert layer_size((16, 10, 1)) == 16 * 10
     assert layer_size((4, 3, 5, 6, 7)) == 4 * 3 * 210
 
 
