@@ -145,22 +145,35 @@ def test_report_says_which_batches_stay_exact():
     assert all(not r["exact_below_batch"] for r in rows0)
 
 
-def test_small_layers_compile_fullgraph():
+class _Res(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.conv, self.bn = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        h = self.stem(x)
+        out = self.bn(self.conv(h))
+        out += h  # traced as out + h: restored in place (add_into)
+        return out.relu()
+
+
+def test_small_layers_and_in_place_adds_compile_fullgraph():
     torch._dynamo.reset()
-    blk = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
-    ref = copy.deepcopy(blk)
+    blk = _Res()
+    ref = copy.deepcopy(blk.stem)
     x = torch.randn(4, 3, 16, 16)
-    # the first BN is small (4*8*256 elements), the second sampled
+    # the stem's BN is small (4*8*256 elements), the other sampled
     pol = Policy(BatchSampling(ratio=0.5, min_elements=4 * 8 * 256 + 1)).set_module_name(
-        "4", BatchSampling(ratio=0.5))
+        "bn", BatchSampling(ratio=0.5))
     gm = fxbns.transform(blk, pol, example_inputs=x)
+    assert any(n.target is add_into for n in gm.graph.nodes)
     out = torch.compile(gm, fullgraph=True)(x)
     out.sum().backward()
-    ref[1](ref[0](x))  # the small layer ran as nn.BatchNorm2d: the same running statistics
-    torch.testing.assert_close(gm.get_submodule("1").running_mean, ref[1].running_mean)
-    torch.testing.assert_close(gm.get_submodule("1").running_var, ref[1].running_var)
-    assert gm.get_submodule("0").weight.grad is not None and torch.isfinite(out).all()
+    ref(x)  # the small layer ran as nn.BatchNorm2d: the same running statistics
+    torch.testing.assert_close(gm.get_submodule("stem.1").running_mean, ref[1].running_mean)
+    torch.testing.assert_close(gm.get_submodule("stem.1").running_var, ref[1].running_var)
+    assert gm.get_submodule("stem.0").weight.grad is not None and torch.isfinite(out).all()
 
 
 # ----------------------------------------------------------------------------------------- in-place adds
@@ -215,6 +228,7 @@ def test_add_into_falls_back_when_the_sum_does_not_fit():
     h = torch.randn(2, 3, dtype=torch.float16)
     out = add_into(h, torch.randn(2, 3))  # promotes to float32
     assert out.dtype == torch.float32 and out is not h
+    assert add_into(h, 1.0) is not h  # a number: a new tensor (a + b), as traced
     leaf = torch.randn(2, 3, requires_grad=True)
     assert add_into(leaf, 1.0) is not leaf
     c = torch.randn(2, 3)  # no grad required: summed in place

@@ -375,7 +375,7 @@ def test_compiled_transformed_model_trains():
     torch.manual_seed(0)
     m = torchvision.models.resnet18(num_classes=4)
     gm = fxbns.transform(m, every_layer("fs"))
-    cgm = torch.compile(gm)
+    cgm = torch.compile(gm, fullgraph=True)  # no graph break anywhere in a transformed ResNet
     opt = torch.optim.SGD(gm.parameters(), lr=0.05)
     x = torch.randn(8, 3, 32, 32)
     y = torch.arange(8) % 4

@@ -140,14 +140,14 @@ def _restore_inplace_adds(graph: fx.Graph, bn_outputs: set[fx.Node]) -> None:
 
 
 def add_into(a, b):
-    """``a + b``, written into ``a`` when the result has ``a``'s shape and dtype (else a new tensor).
+    """``a + b``, written into ``a`` when ``b`` is a tensor of ``a``'s dtype that broadcasts to ``a``'s
+    shape (else a new tensor, as ``a + b``).
 
     Used only where ``a`` is a BatchNorm output that nothing else reads (see ``_restore_inplace_adds``).
     """
-    if (isinstance(a, torch.Tensor) and isinstance(b, (torch.Tensor, int, float))
-            and not (a.is_leaf and a.requires_grad)
-            and a.dtype == torch.result_type(a, b)
-            and (not isinstance(b, torch.Tensor) or torch.broadcast_shapes(a.shape, b.shape) == a.shape)):
+    if (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+            and not (a.is_leaf and a.requires_grad) and b.dim() <= a.dim()
+            and all(sb in (1, sa) for sa, sb in zip(a.shape[a.dim() - b.dim():], b.shape))):
         return a.add_(b)
     return a + b
 
