@@ -157,7 +157,7 @@ class _FusedSampledBatchNorm(torch.autograd.Function):
         xd = _dense_sample(xs)
         if sample_backward and xd.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
             xd = xd.clone()  # the backward keeps only this small copy, not x
-        mean, var = torch.batch_norm_update_stats(xd, running_mean, running_var, momentum)
+        mean, var = _update_stats(xd, running_mean, running_var, momentum)
         y = torch.native_batch_norm(x, weight, bias, mean, var, False, 0.0, eps)[0]
         if stats_out is not None:
             stats_out += (mean, var)
@@ -219,6 +219,37 @@ class _FusedSampledBatchNorm(torch.autograd.Function):
             scatter_add_(dx, g, torch.addcmul(A, xs, B))
         return (dx, sum_dyx if (weight is not None and ctx.needs_input_grad[1]) else None,
                 sum_dy if ctx.needs_input_grad[2] else None, None, None, None, None, None, None, None)
+
+
+#: Samples of at least this many elements (NCHW, maps of 8 or more) take their moments from two reductions.
+SUMS_MIN_NUMEL = 1 << 16
+
+
+def _update_stats(xd: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+                  momentum: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, biased var) of the dense sample ``xd`` per channel; the running statistics updated in place
+    (unbiased with the sample's count), as ``torch.batch_norm_update_stats`` does.
+
+    On a large NCHW sample, aten's batch-norm statistics kernel is slow here (6.1 ms for 8x256x56x56 on a
+    2-core CPU, where a plain sum takes 0.4 ms: ``python tools/bench.py kernels``), so the moments come
+    from reductions instead: the mean from a sum, then the sum of squared deviations ``d = x - mean``
+    from the batch-norm backward kernel's weight-gradient sum (``dy = input = d``, statistics ``(0, 1)``,
+    ``eps = 0``): 2.9 ms in all, and as accurate as aten's (two passes, no cancellation; relative error
+    of the variance about 1e-7 in float32 even at mean/std = 1000).
+    """
+    c = xd.shape[1]
+    n = xd.numel() // c
+    if xd.numel() < SUMS_MIN_NUMEL or not xd.is_contiguous() or n // xd.shape[0] < 8:
+        return torch.batch_norm_update_stats(xd, running_mean, running_var, momentum)
+    mean = xd.sum([0] + list(range(2, xd.ndim))).div_(n)
+    d = xd - mean.view((1, c) + (1,) * (xd.ndim - 2))
+    var = _bn_backward(d, d, None, torch.zeros_like(mean), torch.ones_like(mean), None, None, False, 0.0,
+                       [False, True, False])[1].div_(n)
+    del d
+    if running_mean is not None:
+        running_mean.lerp_(mean, momentum)
+        running_var.lerp_(var * (n / (n - 1)) if n > 1 else var, momentum)
+    return mean, var
 
 
 def _dense_sample(s: torch.Tensor) -> torch.Tensor:

@@ -460,3 +460,30 @@ def test_host_step_follows_the_state_dict():
     for x in xs:
         bn(x)
     assert SampledBatchNorm.from_batchnorm(bn, spec)._host_step == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(8, 16, 32, 32), (4, 8, 48, 48), (6, 12, 16, 10, 10)])
+def test_large_sample_moments_from_sums_equal_batchnorm(shape, dtype):
+    """Samples of >= 2**16 elements take their moments from two reductions (``_update_stats``):
+    still BatchNorm's forward, gradients and running statistics with the full sample, also on data
+    whose mean is large against its spread."""
+    from fxbns.functional import SUMS_MIN_NUMEL
+
+    assert math.prod(shape) >= SUMS_MIN_NUMEL
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    dims = len(shape) - 2
+    for spec in (BatchSampling(ratio=1.0), BatchSampling(ratio=1.0, sample_backward=True)):
+        bn, sbn = _pair(dims, shape[1], dtype, 0.1, True, True, spec)
+        x = (torch.randn(shape, dtype=dtype) * 0.5 + 20).requires_grad_()
+        x2 = x.detach().clone().requires_grad_()
+        gy = torch.randn(shape, dtype=dtype)
+        bn(x).backward(gy)
+        y = sbn(x2)
+        y.backward(gy)
+        ref = torch.nn.functional.batch_norm(x.detach(), None, None, bn.weight.detach(), bn.bias.detach(), True,
+                                             0.0, bn.eps)
+        torch.testing.assert_close(y, ref, atol=tol, rtol=tol)
+        torch.testing.assert_close(x2.grad, x.grad, atol=tol * 10, rtol=tol)
+        torch.testing.assert_close(sbn.running_mean, bn.running_mean, atol=tol, rtol=tol)
+        torch.testing.assert_close(sbn.running_var, bn.running_var, atol=tol, rtol=tol)
