@@ -404,6 +404,7 @@ def bench_kernels(args) -> dict:
     import torch.nn.functional as F
 
     from fxbns import BatchSampling, FeatureSampling
+    from fxbns.functional import _update_stats
     from fxbns.sampling import build_groups, gather, scatter_add_
 
     shape = tuple(int(v) for v in args.shape.split("x"))
@@ -440,6 +441,10 @@ def bench_kernels(args) -> dict:
             gather(dx_buf, band).addcmul_(xs_band, w.view(bcast)).add_(m.view(bcast))),
         "sum over (N,H,W) of the BS sample": lambda: xs_bs.sum(d),
         "var_mean over (N,H,W) of the BS sample": lambda: torch.var_mean(xs_bs, d, correction=0),
+        "BS sample stats: batch_norm_update_stats": lambda: torch.batch_norm_update_stats(xs_bs, None, None, 0.),
+        "BS sample stats: sum + squared deviations": lambda: _update_stats(xs_bs, None, None, 0.),
+        "BS sample stats: channels-last copy + stats": lambda: torch.batch_norm_update_stats(
+            xs_bs.contiguous(memory_format=torch.channels_last), None, None, 0.),
     }
     rows = []
     for name, fn in ops.items():
