@@ -13,6 +13,8 @@ torch.Size([4, 8, 16, 16])
 
 from __future__ import annotations
 
+import math
+
 import zlib
 
 import torch
@@ -201,7 +203,9 @@ def _exact_here(spec, shape: torch.Size, n_real: int) -> bool:
     layer's size (shape ints, known on the host in eager mode and static under compile: no sync)."""
     if isinstance(spec, Exact):
         return True
-    return getattr(spec, "min_elements", 0) > 0 and spec.exact_at((n_real, *shape[1:]))
+    # one value per channel: native BN raises there, the sampled op does not (batch 1 on a 1x1 map)
+    return (getattr(spec, "min_elements", 0) > 0 and spec.exact_at((n_real, *shape[1:]))
+            and n_real * math.prod(shape[2:]) > 1)
 
 
 def train_forward(input, n_real, spec, weight, bias, running_mean, running_var, num_batches_tracked, step,

@@ -96,6 +96,20 @@ def test_threshold_is_decided_per_call_from_the_runtime_shape():
     torch.testing.assert_close(twin(big), sbn(big), rtol=0, atol=0)
 
 
+def test_one_value_per_channel_is_not_sent_to_batchnorm():
+    """nn.BatchNorm raises on one value per channel in training; a small layer then stays sampled."""
+    spec = BatchSampling(min_elements=BIG)
+    _, sbn = _bn_pair(6, spec)
+    x = torch.randn(1, 6, 1, 1)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        nn.BatchNorm2d(6)(x)
+    y = sbn(x)
+    assert torch.isfinite(y).all() and torch.isfinite(sbn.running_var).all()
+    z = torch.randn(2, 6, 1, 1)
+    bn2 = copy.deepcopy(sbn).to_batchnorm()
+    assert torch.equal(copy.deepcopy(sbn)(z), bn2(z))  # two values per channel: exact again
+
+
 def test_functional_site_below_min_elements():
     class Net(nn.Module):
         def __init__(self):
