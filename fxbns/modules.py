@@ -14,7 +14,6 @@ torch.Size([4, 8, 16, 16])
 from __future__ import annotations
 
 import math
-
 import zlib
 
 import torch
