@@ -235,7 +235,7 @@ def _update_stats(xd: torch.Tensor, running_mean: torch.Tensor | None, running_v
     from reductions instead: the mean from a sum, then the sum of squared deviations ``d = x - mean``
     from the batch-norm backward kernel's weight-gradient sum (``dy = input = d``, statistics ``(0, 1)``,
     ``eps = 0``): 1.17 ms in all, and as accurate as aten's (two passes, no cancellation; relative error
-    of the variance about 1e-7 in float32 even at mean/std = 1000, measured against float64).
+    of the variance about 1e-7 in float32 even at mean/std = 1000, against float64: tested).
     """
     c = xd.shape[1]
     n = xd.numel() // c

@@ -487,3 +487,20 @@ def test_large_sample_moments_from_sums_equal_batchnorm(shape, dtype):
         torch.testing.assert_close(x2.grad, x.grad, atol=tol * 10, rtol=tol)
         torch.testing.assert_close(sbn.running_mean, bn.running_mean, atol=tol, rtol=tol)
         torch.testing.assert_close(sbn.running_var, bn.running_var, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("mu", [0.0, 40.0, 1000.0])
+def test_moments_from_sums_against_float64(mu):
+    """``_update_stats``'s reduction path (large NCHW samples) keeps the variance to float32 precision
+    even when the mean is large against the spread (no E[x^2] - E[x]^2 cancellation)."""
+    from fxbns.functional import _update_stats
+
+    x = torch.randn(8, 16, 32, 32) + mu
+    rm, rv = torch.zeros(16), torch.ones(16)
+    mean, var = _update_stats(x, rm, rv, 0.1)
+    xd = x.double()
+    tm, tv = xd.mean((0, 2, 3)), xd.var((0, 2, 3), unbiased=False)
+    assert ((mean.double() - tm).abs() / tv.sqrt()).max() < 5e-4
+    assert ((var.double() - tv).abs() / tv).max() < 1e-5
+    n = x.numel() // 16
+    torch.testing.assert_close(rv.double(), 0.9 + 0.1 * tv * n / (n - 1), rtol=1e-5, atol=0)
