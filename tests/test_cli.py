@@ -128,3 +128,13 @@ def test_console_script_is_installed():
     assert exe.exists()
     p = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and "--policy" in p.stdout
+
+
+def test_min_elements_flag(tmp_path):
+    p = run("--policy", "bs", "--min-elements", "0", "--explain", "--report", tmp_path / "r.json")
+    assert p.returncode == 0, p.stderr
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert all(s["spec"]["min_elements"] == 0 and not s["exact_below_batch"] for s in rep["sites"])
+    p = run("--policy", "fs", "--min-elements", "-3", "--explain")
+    assert p.returncode == 2
+    assert "--min-elements" in _one_error_line(p) and "integer >= 0" in p.stderr
