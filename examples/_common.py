@@ -134,4 +134,3 @@ def save_record(name: str, record: dict) -> Path:
     path = OUT / f"{name}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path
-

@@ -247,9 +247,17 @@ def _update_stats(xd: torch.Tensor, running_mean: torch.Tensor | None, running_v
                        [False, True, False])[1].div_(n)
     del d
     if running_mean is not None:
-        running_mean.lerp_(mean, momentum)
-        running_var.lerp_(var * (n / (n - 1)) if n > 1 else var, momentum)
+        lerp_running_stats(running_mean, running_var, mean, var, n, momentum)
     return mean, var
+
+
+def lerp_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor,
+                       var: torch.Tensor, n: int, weight) -> None:
+    """Move the running statistics toward ``(mean, var * n / (n - 1))`` by ``weight`` (a float, or a tensor
+    for the cumulative average), in place, as ``nn.BatchNorm`` does: unbiased with the sample count ``n``."""
+    unbiased = var * (n / (n - 1)) if n > 1 else var
+    running_mean.lerp_(mean.to(running_mean.dtype), weight)
+    running_var.lerp_(unbiased.to(running_var.dtype), weight)
 
 
 def _dense_sample(s: torch.Tensor) -> torch.Tensor:

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .estimators import Exact, MicroBatch
-from .functional import fused_batch_norm, sampled_batch_norm
+from .estimators import BatchSampling, Exact, FeatureSampling, MicroBatch
+from .functional import fused_batch_norm, lerp_running_stats, sampled_batch_norm
 from .sampling import build_groups
 
 __all__ = ["SampledBatchNorm", "site_seed"]
@@ -203,7 +203,7 @@ def _exact_here(spec, shape: torch.Size, n_real: int) -> bool:
     if isinstance(spec, Exact):
         return True
     # one value per channel: native BN raises there, the sampled op does not (batch 1 on a 1x1 map)
-    return (getattr(spec, "min_elements", 0) > 0 and spec.exact_at((n_real, *shape[1:]))
+    return (isinstance(spec, (BatchSampling, FeatureSampling)) and spec.exact_at((n_real, *shape[1:]))
             and n_real * math.prod(shape[2:]) > 1)
 
 
@@ -240,13 +240,7 @@ def train_forward(input, n_real, spec, weight, bias, running_mean, running_var, 
     with torch.no_grad():
         counter.add_(1)
         if running_mean is not None:
-            n = sum(g.count for g in groups)
-            unbiased = var * (n / (n - 1)) if n > 1 else var
-            if momentum is None:  # cumulative moving average, as nn.BatchNorm with momentum=None
-                f = 1.0 / num_batches_tracked.to(running_mean.dtype)
-                running_mean.lerp_(mean.to(running_mean.dtype), f)
-                running_var.lerp_(unbiased.to(running_var.dtype), f)
-            else:
-                running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-                running_var.lerp_(unbiased.to(running_var.dtype), momentum)
+            # momentum=None: cumulative moving average, as nn.BatchNorm
+            f = 1.0 / num_batches_tracked.to(running_mean.dtype) if momentum is None else momentum
+            lerp_running_stats(running_mean, running_var, mean, var, sum(g.count for g in groups), f)
     return y

@@ -30,6 +30,7 @@ from .estimators import (
     FeatureSampling,
     MicroBatch,
     VirtualDataset,
+    _check_min_elements,
     spec_from_dict,
     spec_to_dict,
 )
@@ -39,7 +40,7 @@ __all__ = ["Policy", "PRESETS", "resolve_policy"]
 #: Layers below this size (``fxbns.estimators.layer_size``) keep exact statistics in the bs and fs presets.
 PRESET_MIN_ELEMENTS = 2 ** 18
 _FS_SAMPLE = FeatureSampling(area_ratio=1 / 16, layout="band", per_sample=True)
-_FS_DEFAULT = FeatureSampling(area_ratio=1 / 16, layout="band", per_sample=True, min_elements=PRESET_MIN_ELEMENTS)
+_FS_DEFAULT = dataclasses.replace(_FS_SAMPLE, min_elements=PRESET_MIN_ELEMENTS)
 
 #: Preset name -> (description, factory).  The numbers are the ones documented in the README.
 PRESETS: dict[str, tuple[str, Callable[[], Policy]]] = {}
@@ -121,8 +122,7 @@ class Policy:
         Layers smaller than ``n`` (``fxbns.estimators.layer_size``) then keep exact statistics; ``0`` samples
         every layer.  The ``bs`` and ``fs`` presets use ``2**18``.  Specs set later are not changed.
         """
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-            raise ValueError(f"min_elements must be an integer >= 0 (0: sample every layer); got {n!r}")
+        _check_min_elements("Policy", n)
 
         def fix(spec):
             return dataclasses.replace(spec, min_elements=n) if isinstance(spec, (BatchSampling, FeatureSampling)) \

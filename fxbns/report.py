@@ -76,9 +76,9 @@ class Report:
         n_sampled = sum(1 for r in self.rows if r["estimator"] != "exact")
         lines.append(f"{len(self.rows)} BatchNorm sites, {n_sampled} sampled, {len(self.rows) - n_sampled} exact; "
                      f"mode: {self.mode}")
-        small = [r["exact_below_batch"] for r in self.rows if (r.get("exact_below_batch") or 0) > 1]
+        small = sum(1 for r in self.rows if (r.get("exact_below_batch") or 0) > 1)
         if small:
-            lines.append(f"{len(small)} sampled sites keep exact statistics at small batches (min_elements): "
+            lines.append(f"{small} sampled sites keep exact statistics at small batches (min_elements): "
                          f"see 'exact below batch' in their reason")
         if self.virtual:
             lines.append(f"virtual batch: {self.virtual}")

@@ -128,13 +128,18 @@ def _restore_inplace_adds(graph: fx.Graph, bn_outputs: set[fx.Node]) -> None:
     BN's backward nor fxbns' reads its output.  :func:`add_into` still falls back to ``a + b`` when the
     sum would not fit in ``a`` (broadcasting, type promotion).
     """
+    def sole(n) -> bool:  # a BN output that nothing but this add reads
+        return n in bn_outputs and len(n.users) == 1
+
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in _ADDS or node.kwargs or len(node.args) != 2:
             continue
         a, b = node.args
-        if b in bn_outputs and len(b.users) == 1 and a is not b and not (a in bn_outputs and len(a.users) == 1):
+        if a is b:
+            continue
+        if sole(b) and not sole(a):
             a, b = b, a  # addition is commutative, also in floating point
-        if a in bn_outputs and len(a.users) == 1 and a is not b:
+        if sole(a):
             node.target = add_into
             node.args = (a, b)
 
