@@ -184,16 +184,18 @@ class _FusedSampledBatchNorm(torch.autograd.Function):
         w = weight if weight is not None else torch.ones_like(mean)
         if not dy.is_contiguous(memory_format=fmt):
             dy = dy.contiguous(memory_format=fmt)
-        invstd = torch.rsqrt(var + eps)
+        # per-channel arithmetic with 0-d tensors, not Python floats: a float operand is wrapped into a new
+        # tensor on every call, which costs more than the arithmetic on these small vectors
+        invstd = torch.rsqrt(var + _const(eps, var))
+        gi = w * invstd
         if sb:
             xs = xx
             dys = _dense_sample(_retake(dy, geom, g))
             _, sum_dyx, sum_dy = _bn_backward(dys, xs, w, mean, var, None, None, False, eps, [False, True, True])
-            sum_dyx = sum_dyx * scale
-            sum_dy = sum_dy * scale
-            gi = w * invstd
+            sc = _const(scale, sum_dy)
+            sum_dyx = sum_dyx * sc
+            sum_dy = sum_dy * sc
             dx = dy * gi.view(bx)
-            t = gi * k
         else:
             xs = _retake(xx, geom, g)
             if tiny_cl is not None:
@@ -203,22 +205,39 @@ class _FusedSampledBatchNorm(torch.autograd.Function):
                 dx = dx.contiguous()
             else:
                 dx, sum_dyx, sum_dy = _bn_backward(dy, xx, w, mean, var, None, None, False, eps, [True, True, True])
-            t = w * invstd * k
-        # the statistics' term, sampled elements only: -gi/n * (sum_dy + xhat * sum_dyx) = B * x + A
-        B = t * invstd * sum_dyx
-        A = torch.addcmul(t * sum_dy, B, mean, value=-1).view(bs)
-        B = B.view(bs)
+        # the statistics' term, sampled elements only:
+        #   -gi/n * (sum_dy + xhat * sum_dyx) = (x - mean) * invstd * (c * sum_dyx) + c * sum_dy,  c = -gi/n
+        c = gi * _const(k, gi)
+        cw, cb = c * sum_dyx, c * sum_dy
+        if _dense(xs):  # the eval-mode batch-norm kernel computes exactly this, fast on dense memory
+            term = torch.native_batch_norm(xs, cw, cb, mean, var, False, 0.0, eps)[0]
+        else:  # a strided view (a band of x): broadcast arithmetic reads it faster than that kernel
+            B = invstd * cw
+            term = torch.addcmul((cb - B * mean).view(bs), xs, B.view(bs))
         if is_view:
-            dxs = _retake(dx, geom, g)
-            if sb:  # xs is the dense copy: the term densely, then one strided pass
-                dxs.add_(torch.addcmul(A, xs, B))
-            else:  # xs is a strided view of x: two in-place passes measured faster
-                dxs.addcmul_(xs, B)
-                dxs.add_(A)
+            _retake(dx, geom, g).add_(term)
         else:
-            scatter_add_(dx, g, torch.addcmul(A, xs, B))
+            scatter_add_(dx, g, term)
         return (dx, sum_dyx if (weight is not None and ctx.needs_input_grad[1]) else None,
                 sum_dy if ctx.needs_input_grad[2] else None, None, None, None, None, None, None, None)
+
+
+def _dense(t: torch.Tensor) -> bool:
+    return t.is_contiguous() or (t.ndim == 4 and t.is_contiguous(memory_format=torch.channels_last))
+
+
+_CONSTS: dict = {}
+
+
+def _const(value: float, like: torch.Tensor) -> torch.Tensor:
+    """``value`` as a cached 0-d tensor of ``like``'s dtype and device (read-only: never modify it)."""
+    key = (value, like.dtype, like.device)
+    t = _CONSTS.get(key)
+    if t is None:
+        if len(_CONSTS) > 4096:
+            _CONSTS.clear()
+        t = _CONSTS[key] = torch.tensor(value, dtype=like.dtype, device=like.device)
+    return t
 
 
 #: Samples of at least this many elements (NCHW, maps of 8 or more) take their moments from two reductions.
