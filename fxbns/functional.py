@@ -30,7 +30,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .sampling import Group, gather, scatter_add_
+from .sampling import Group, gather, sample_mask, scatter_add_
 
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
@@ -75,6 +75,8 @@ class _SampledBatchNorm(torch.autograd.Function):
         ctx.eps = eps
         ctx.sample_backward = sample_backward
         ctx.x_shape = x.shape
+        # compiled: the statistics' term as a masked full-size expression (see sample_mask)
+        ctx.masked = torch.compiler.is_compiling() and not sample_backward
         ctx.mark_non_differentiable(mean, var)
         # without sample_backward the backward needs x (as native BN does) and re-gathers the sample from it
         # rather than keeping a second copy: peak memory stays native's
@@ -104,7 +106,7 @@ class _SampledBatchNorm(torch.autograd.Function):
             xs = [xs0]
         else:
             x = ctx.saved_tensors[3]
-            xs = [gather(x, g) for g in groups]
+            xs = [None if ctx.masked else gather(x, g) for g in groups]
             w = weight if weight is not None else torch.ones_like(mean)
             p = w.dtype
             dx, sum_dyx, sum_dy = torch.ops.aten.native_batch_norm_backward(
@@ -116,7 +118,11 @@ class _SampledBatchNorm(torch.autograd.Function):
             a = g.weight / g.count
             B = gi * invstd * sum_dyx * (-a)
             A = gi * sum_dy * (-a) - B * mean
-            scatter_add_(dx, g, torch.addcmul(_cshape(A, s.ndim), s, _cshape(B, s.ndim)))
+            if ctx.masked:
+                term = torch.addcmul(_cshape(A, nd), x, _cshape(B, nd))
+                dx = dx + torch.where(sample_mask(ctx.x_shape, g, x.device), term, 0).to(dx.dtype)
+            else:
+                scatter_add_(dx, g, torch.addcmul(_cshape(A, s.ndim), s, _cshape(B, s.ndim)))
         dw = sum_dyx.to(weight.dtype) if (weight is not None and ctx.needs_input_grad[1]) else None
         db = sum_dy.to(weight.dtype if weight is not None else mean.dtype) if ctx.needs_input_grad[2] else None
         return dx, dw, db, None, None, None

@@ -48,7 +48,13 @@ def random_ints(step: torch.Tensor, seed: int, count: int) -> torch.Tensor:
     All intermediate values stay below 2**48, so int64 never overflows.
     """
     key = (seed * 69621 + 12345) % _M
-    h = (step.to(torch.int64) % _M) * 48271 % _M
+    # a running sum of one element: a copy of the counter's value *now*, through an op that the compiler's
+    # forward/backward partitioner does not recompute.  The layer increments the counter in place after the
+    # draw, and the partitioner (torch 2.14) may otherwise recompute this hash in the backward from the
+    # already-incremented counter, i.e. from the next step's sample: silently wrong gradients (seen here;
+    # pytorch/pytorch PR 197039).  Saved instead, the backward sees the forward's sample.
+    step = torch.cumsum(step.to(torch.int64).reshape(1), 0)
+    h = (step % _M) * 48271 % _M
     h = (h + key) % _M
     i = torch.arange(count, device=step.device, dtype=torch.int64)
     h = (h + i * 40014) % _M
@@ -150,6 +156,31 @@ def scatter_add_(dx: torch.Tensor, g: Group, values: torch.Tensor) -> None:
         v.scatter_add_(1, g.pos.unsqueeze(2).expand(-1, -1, v.shape[2]), values)
     else:
         v.scatter_add_(2, g.pos.unsqueeze(1).expand(-1, v.shape[1], -1), values)
+
+
+def sample_mask(shape: tuple[int, ...], g: Group, device: torch.device) -> torch.Tensor:
+    """Which elements group ``g`` takes from a tensor of ``shape``, as a boolean mask of shape
+    ``(N, 1, *spatial)`` (the same for every channel).  Device arithmetic only, for the compiled path: there a
+    masked full-size expression fuses into the kernel that writes the gradient, where a scatter into it
+    would need its own pass (and atomic adds).  Host-drawn (view) groups have no mask."""
+    if g.view is not None:
+        raise ValueError("sample_mask: a host-drawn (view) sample has no index tensors; draw it on the device")
+    n, spatial = shape[0], tuple(shape[2:])
+    size = math.prod(spatial)
+    bshape = (n, 1) + (1,) * len(spatial)
+    ar = torch.arange(n, device=device)
+    if g.rows is not None:
+        return (ar.unsqueeze(1) == (g.rows + g.start).unsqueeze(0)).any(1).view(bshape)
+    block = (ar >= g.start) & (ar < g.start + g.length)
+    if g.pos is None:
+        return block.view(bshape)
+    if g.pos.ndim == 1:
+        taken = torch.zeros(size, dtype=torch.bool, device=device).index_fill(0, g.pos, True)
+        return (block.unsqueeze(1) & taken.unsqueeze(0)).view((n, 1) + spatial)
+    taken = torch.zeros(g.length, size, dtype=torch.bool, device=device).scatter(1, g.pos, True)
+    if g.length != n:
+        taken = torch.cat([taken.new_zeros(g.start, size), taken, taken.new_zeros(n - g.start - g.length, size)])
+    return taken.view((n, 1) + spatial)
 
 
 def _bs_group(spec: BatchSampling, start: int, n: int, elems_per_row: int, step: torch.Tensor,
