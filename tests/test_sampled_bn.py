@@ -12,7 +12,7 @@ from torch import nn
 from fxbns import BatchSampling, Exact, FeatureSampling, MicroBatch, SampledBatchNorm, VirtualDataset
 from fxbns.functional import fused_batch_norm, sampled_batch_norm
 from fxbns.modules import train_forward
-from fxbns.sampling import Group, band_plan, build_groups, gather, random_ints, random_ints_host
+from fxbns.sampling import Group, band_plan, build_groups, gather, random_ints, random_ints_host, sample_mask
 
 BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
@@ -394,6 +394,25 @@ def test_host_views_equal_device_gather(shape, spec, channels_last):
         outs.append((y.detach(), x.grad, w.grad, b.grad, rm, rv))
     for a, e in zip(*outs):
         torch.testing.assert_close(a, e, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("spec", [BatchSampling(ratio=0.25), BatchSampling(ratio=0.25, draw="random"),
+                                  FeatureSampling(area_ratio=0.2), FeatureSampling(area_ratio=0.25, layout="grid"),
+                                  FeatureSampling(area_ratio=0.25, layout="grid", per_sample=True),
+                                  FeatureSampling(area_ratio=0.25, layout="band", per_sample=True),
+                                  VirtualDataset(num_samples=3, mix=0.5)], ids=lambda s: s.describe())
+@pytest.mark.parametrize("shape", [(8, 3, 6, 5), (8, 3, 10), (8, 3)])
+def test_sample_mask_marks_exactly_the_gathered_elements(spec, shape):
+    """The compiled path adds the statistics' term through ``sample_mask``: it must cover the elements
+    ``gather`` takes, each once, and nothing else (every group kind: rows, block, shared and per-row positions)."""
+    n_virtual = 3 if isinstance(spec, VirtualDataset) else 0
+    full = (shape[0] + n_virtual, *shape[1:])
+    ids = torch.arange(math.prod(full), dtype=torch.float64).reshape(full)
+    for g in build_groups(spec, full, shape[0], n_virtual, torch.tensor(5), seed=2):
+        taken = gather(ids, g).flatten().long().sort().values
+        mask = sample_mask(full, g, ids.device).expand(full)
+        assert torch.equal(ids[mask].long().sort().values, taken)
+        assert taken.numel() == g.count * full[1]
 
 
 @pytest.mark.parametrize("spec", [BatchSampling(ratio=0.5), FeatureSampling(patch=(2, 3)),
