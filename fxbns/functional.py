@@ -75,12 +75,14 @@ class _SampledBatchNorm(torch.autograd.Function):
         ctx.eps = eps
         ctx.sample_backward = sample_backward
         ctx.x_shape = x.shape
-        # compiled: the statistics' term as a masked full-size expression (see sample_mask)
-        ctx.masked = torch.compiler.is_compiling() and not sample_backward
+        # compiled: the statistics' term as a masked full-size expression (see sample_mask), which reads x
+        ctx.masked = torch.compiler.is_compiling()
         ctx.mark_non_differentiable(mean, var)
         # without sample_backward the backward needs x (as native BN does) and re-gathers the sample from it
-        # rather than keeping a second copy: peak memory stays native's
-        ctx.save_for_backward(weight, mean, var, *(xs if sample_backward else [x]))
+        # rather than keeping a second copy: peak memory stays native's.  With it, eager keeps only the sample
+        # (below native's); compiled keeps x, for the masked term, and takes the sample from it again
+        keep_x = ctx.masked or not sample_backward
+        ctx.save_for_backward(weight, mean, var, x if keep_x else xs[0])
         return y, mean, var
 
     @staticmethod
@@ -92,9 +94,10 @@ class _SampledBatchNorm(torch.autograd.Function):
         gamma = weight.to(mean.dtype) if weight is not None else torch.ones_like(mean)
         gi = gamma * invstd
         dy = dy.contiguous(memory_format=_memory_format(dy))
+        x = ctx.saved_tensors[3] if ctx.masked or not ctx.sample_backward else None
         if ctx.sample_backward:
-            (xs0,) = ctx.saved_tensors[3:]
             g0 = groups[0]
+            xs0 = gather(x, g0) if x is not None else ctx.saved_tensors[3]
             dys = gather(dy, g0)
             red = _rdims(xs0.ndim)
             scale = g0.length * math.prod(ctx.x_shape[2:]) / g0.count
@@ -105,7 +108,6 @@ class _SampledBatchNorm(torch.autograd.Function):
             dx = dy * _cshape(gi.to(dy.dtype), nd)
             xs = [xs0]
         else:
-            x = ctx.saved_tensors[3]
             xs = [None if ctx.masked else gather(x, g) for g in groups]
             w = weight if weight is not None else torch.ones_like(mean)
             p = w.dtype

@@ -218,11 +218,7 @@ def train_forward(input, n_real, spec, weight, bias, running_mean, running_var, 
     N = input.shape[0]
     counter = num_batches_tracked if num_batches_tracked is not None else step
     groups = build_groups(spec, tuple(input.shape), n_real, N - n_real, counter, seed, host_step)
-    # sample_backward: estimated backward sums, eager mode only.  Under torch.compile the exact sums are used:
-    # inductor compiles the estimated backward badly (0.59x against 0.97x for the exact one on mobilenet_v2,
-    # README "End-to-end training step"), and exact sums are the better gradient anyway.
-    sb = (bool(getattr(spec, "sample_backward", False)) and len(groups) == 1
-          and not torch.compiler.is_compiling())
+    sb = bool(getattr(spec, "sample_backward", False)) and len(groups) == 1
     if (host_step is not None and len(groups) == 1 and input.dtype in _FUSED_DTYPES
             and (input.is_cpu or input.is_cuda) and (weight is None or weight.dtype == input.dtype)):
         fused = (momentum is not None and running_mean is not None and groups[0].count > 1
