@@ -84,8 +84,8 @@ class BatchSampling:
 
     ``draw="block"`` takes a contiguous block of rows at a random offset (a view of the batch, the faster
     draw); ``draw="random"`` takes random distinct rows.  ``sample_backward=True`` also estimates the
-    backward sums (d-gamma, d-beta and the statistics' gradient terms) from the sample, in eager mode;
-    under ``torch.compile`` the exact sums are used (the compiled estimate measured slower).
+    backward sums (d-gamma, d-beta and the statistics' gradient terms) from the sample (eager and
+    ``torch.compile``).
     ``min_elements``: below this :func:`layer_size` the layer computes exact statistics (0: always sample).
     """
 
