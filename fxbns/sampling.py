@@ -169,8 +169,8 @@ def sample_mask(shape: tuple[int, ...], g: Group, device: torch.device) -> torch
     size = math.prod(spatial)
     bshape = (n, 1) + (1,) * len(spatial)
     ar = torch.arange(n, device=device)
-    if g.rows is not None:
-        return (ar.unsqueeze(1) == (g.rows + g.start).unsqueeze(0)).any(1).view(bshape)
+    if g.rows is not None:  # written into a small buffer once (a compare-and-any would be redone per element)
+        return torch.zeros(n, dtype=torch.bool, device=device).index_fill(0, g.rows + g.start, True).view(bshape)
     block = (ar >= g.start) & (ar < g.start + g.length)
     if g.pos is None:
         return block.view(bshape)
