@@ -239,6 +239,7 @@ class _FusedSampledBatchNorm(torch.autograd.Function):
 
 
 def _dense(t: torch.Tensor) -> bool:
+    """Dense NCHW (or any contiguous) or dense channels-last: the layouts aten's batch-norm kernels are fast on."""
     return t.is_contiguous() or (t.ndim == 4 and t.is_contiguous(memory_format=torch.channels_last))
 
 
@@ -303,7 +304,7 @@ def _dense_sample(s: torch.Tensor) -> torch.Tensor:
     there; otherwise a copy of the (small) sample is cheaper than the slow loop: measured with
     ``python tools/bench.py kernels`` and the layer benchmark.
     """
-    if s.is_contiguous() or (s.ndim == 4 and s.is_contiguous(memory_format=torch.channels_last)):
+    if _dense(s):
         return s
     if s.stride(-1) == 1 and s.shape[-1] >= 16:
         return s

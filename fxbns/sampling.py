@@ -168,9 +168,9 @@ def sample_mask(shape: tuple[int, ...], g: Group, device: torch.device) -> torch
     n, spatial = shape[0], tuple(shape[2:])
     size = math.prod(spatial)
     bshape = (n, 1) + (1,) * len(spatial)
-    ar = torch.arange(n, device=device)
     if g.rows is not None:  # written into a small buffer once (a compare-and-any would be redone per element)
         return torch.zeros(n, dtype=torch.bool, device=device).index_fill(0, g.rows + g.start, True).view(bshape)
+    ar = torch.arange(n, device=device)
     block = (ar >= g.start) & (ar < g.start + g.length)
     if g.pos is None:
         return block.view(bshape)
