@@ -54,6 +54,7 @@ class SampledBatchNorm(_BatchNorm):
         self._vstate: VirtualState | None = None
         self.register_buffer("_fxbns_step", torch.zeros((), dtype=torch.long, device=device), persistent=False)
         self._host_step = 0  # the step counter as a Python int (eager mode draws its samples on the host)
+        self._exact_cache: dict = {}  # input shape -> (estimator, micro, exact statistics at that shape)
 
     def _next_host_step(self) -> int | None:
         """The step counter for this training forward as a Python int, advanced; ``None`` under
@@ -141,6 +142,22 @@ class SampledBatchNorm(_BatchNorm):
     def forward(self, input: torch.Tensor, n_real: int | None = None) -> torch.Tensor:
         if not self.training:
             return super().forward(input)
+        if n_real is None and self._vstate is None and not torch.compiler.is_compiling():
+            # eager, every row real: whether this shape gets exact statistics is decided once per shape (and
+            # estimator), since most of a deep model's small layers take this path and its Python is per call
+            cache = self.__dict__.setdefault("_exact_cache", {})  # (modules pickled by older versions lack it)
+            hit = cache.get(input.shape)
+            if hit is None or hit[0] is not self.estimator or hit[1] is not self.micro:
+                self._check_input_dim(input)
+                hit = (self.estimator, self.micro, _exact_here(self.active_estimator(input.shape[0]), input.shape,
+                                                               input.shape[0]) and self.momentum is not None)
+                cache[input.shape] = hit
+            if hit[2]:  # what nn.BatchNorm's training forward does, without its per-call checks
+                self.__dict__["_host_step"] += 1
+                b, p = self._buffers, self._parameters
+                b["num_batches_tracked" if self.track_running_stats else "_fxbns_step"].add_(1)
+                return torch.batch_norm(input, p["weight"], p["bias"], b["running_mean"], b["running_var"], True,
+                                        self.momentum, self.eps, torch.backends.cudnn.enabled)
         self._check_input_dim(input)
         n_real, spec = self._resolve(input, n_real)
         if _exact_here(spec, input.shape, n_real):

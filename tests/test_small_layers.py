@@ -83,6 +83,31 @@ def test_below_min_elements_is_exactly_batchnorm(spec):
     assert int(sbn.num_batches_tracked) == 3 and sbn._host_step == 3  # the host counter stays in step
 
 
+@pytest.mark.parametrize("affine,track,momentum", [(False, True, 0.1), (True, False, 0.1), (True, True, None)])
+def test_exact_fast_path_matches_batchnorm_variants(affine, track, momentum):
+    """The per-shape cached exact path (eager) for BatchNorms without affine parameters, without running
+    statistics, or with a cumulative average (``momentum=None``, which keeps the general path)."""
+    bn = nn.BatchNorm2d(6, affine=affine, track_running_stats=track, momentum=momentum)
+    sbn = SampledBatchNorm.from_batchnorm(copy.deepcopy(bn), BatchSampling(ratio=0.25, min_elements=BIG))
+    x = torch.randn(8, 6, 8, 8) * 2 + 1
+    for _ in range(3):
+        assert torch.equal(bn(x), sbn(x))
+    assert sbn._host_step == 3 and int(sbn._fxbns_step if not track else sbn.num_batches_tracked) == 3
+    if track:
+        assert torch.equal(bn.running_mean, sbn.running_mean) and torch.equal(bn.running_var, sbn.running_var)
+
+
+def test_exact_decision_follows_a_changed_estimator():
+    """The exact-at-this-shape decision is cached per shape, but not across a new estimator."""
+    bn, sbn = _bn_pair(6, BatchSampling(ratio=0.25, min_elements=BIG))
+    x = torch.randn(8, 6, 8, 8)
+    assert torch.equal(bn(x), sbn(x))
+    sbn.estimator = BatchSampling(ratio=0.25)  # always sample
+    assert not torch.allclose(bn(x), sbn(x))
+    sbn.estimator = BatchSampling(ratio=0.25, min_elements=BIG)
+    assert torch.equal(bn(x), sbn(x))
+
+
 def test_threshold_is_decided_per_call_from_the_runtime_shape():
     spec = BatchSampling(ratio=0.25, min_elements=layer_size((16, 6, 8, 8)))
     bn, sbn = _bn_pair(6, spec)
