@@ -229,8 +229,18 @@ class _FusedSampledBatchNorm(torch.autograd.Function):
             term = torch.native_batch_norm(xs, cw, cb, mean, var, False, 0.0, eps)[0]
         else:  # a strided view (a band of x): broadcast arithmetic reads it faster than that kernel
             B = invstd * cw
-            term = torch.addcmul((cb - B * mean).view(bs), xs, B.view(bs))
-        if is_view:
+            A = (cb - B * mean).view(bs)
+            if is_view and xs.shape[-1] > 1:
+                # in place on dx's band, no temporary: 2x faster than a temporary and an add on runs of 16
+                # and more (32x96x32x32, runs of 64: 95 us against 175 us), even on runs of 4; slower on
+                # single elements (4x4 maps), which keep the temporary
+                _retake(dx, geom, g).addcmul_(xs, B.view(bs)).add_(A)
+                term = None
+            else:
+                term = torch.addcmul(A, xs, B.view(bs))
+        if term is None:
+            pass
+        elif is_view:
             _retake(dx, geom, g).add_(term)
         else:
             scatter_add_(dx, g, term)
