@@ -94,6 +94,7 @@ class Group:
     rows: torch.Tensor | None = None
     pos: torch.Tensor | None = None
     view: Callable[[torch.Tensor], torch.Tensor] | None = None  # host-drawn sample: a strided view of the tensor
+    rows_block: bool = False  # ``rows`` are consecutive (a block draw on the device)
 
 
 def _block(x: torch.Tensor, g: Group) -> torch.Tensor:
@@ -168,6 +169,14 @@ def sample_mask(shape: tuple[int, ...], g: Group, device: torch.device) -> torch
     n, spatial = shape[0], tuple(shape[2:])
     size = math.prod(spatial)
     bshape = (n, 1) + (1,) * len(spatial)
+    if g.rows is not None and g.rows_block:
+        # consecutive rows: a range test on the row index.  Nothing here is read per row from memory: a flag per
+        # row (below) is read with a stride of 1 along the batch, and inductor's C++ backend then drops the 2-d
+        # tiling it uses where x and dy differ in layout (a channels-last conv output, an NCHW gradient) and
+        # loads dy element by element (mobilenet_v2's largest layer: backward kernel 11.8 ms, native's 9-10 ms)
+        lo = g.rows[:1] + g.start
+        ar = torch.arange(n, device=device)
+        return ((ar >= lo) & (ar < lo + g.rows.shape[0])).view(bshape)
     if g.rows is not None:  # written into a small buffer once (a compare-and-any would be redone per element)
         return torch.zeros(n, dtype=torch.bool, device=device).index_fill(0, g.rows + g.start, True).view(bshape)
     ar = torch.arange(n, device=device)
@@ -193,7 +202,7 @@ def _bs_group(spec: BatchSampling, start: int, n: int, elems_per_row: int, step:
             off = start + random_ints_host(host_step, seed, 1)[0] % (n - m + 1)
             return Group(start, n, weight, m * elems_per_row, view=lambda t: t.narrow(0, off, m))
         rows = random_ints(step, seed, 1) % (n - m + 1) + torch.arange(m, device=step.device)
-        return Group(start, n, weight, m * elems_per_row, rows=rows)
+        return Group(start, n, weight, m * elems_per_row, rows=rows, rows_block=True)
     rows = torch.argsort(random_ints(step, seed, n))[:m]
     return Group(start, n, weight, m * elems_per_row, rows=rows)
 
