@@ -97,6 +97,16 @@ def test_exact_fast_path_matches_batchnorm_variants(affine, track, momentum):
         assert torch.equal(bn.running_mean, sbn.running_mean) and torch.equal(bn.running_var, sbn.running_var)
 
 
+def test_exact_fast_path_honours_functional_call():
+    """``torch.func.functional_call`` swaps the parameters the exact fast path reads."""
+    bn, sbn = _bn_pair(6, BatchSampling(ratio=0.25, min_elements=BIG))
+    x = torch.randn(8, 6, 5, 5)
+    params = {"weight": torch.full((6,), 2.0), "bias": torch.full((6,), -1.0)}
+    ya = torch.func.functional_call(bn, params, (x,))
+    yb = torch.func.functional_call(sbn, params, (x,))
+    assert torch.equal(ya, yb) and not torch.allclose(yb, sbn(x))
+
+
 def test_exact_decision_follows_a_changed_estimator():
     """The exact-at-this-shape decision is cached per shape, but not across a new estimator."""
     bn, sbn = _bn_pair(6, BatchSampling(ratio=0.25, min_elements=BIG))
