@@ -152,9 +152,11 @@ class SampledBatchNorm(_BatchNorm):
                 hit = (self.estimator, self.micro, _exact_here(self.active_estimator(input.shape[0]), input.shape,
                                                                input.shape[0]) and self.momentum is not None)
                 cache[input.shape] = hit
-            if hit[2]:  # what nn.BatchNorm's training forward does, without its per-call checks
+            b, p = self._buffers, self._parameters
+            # (a parametrized weight, e.g. torch.nn.utils.parametrize, is not in _parameters: the general path)
+            if hit[2] and "weight" in p and "bias" in p and "running_mean" in b and "running_var" in b:
+                # what nn.BatchNorm's training forward does, without its per-call checks
                 self.__dict__["_host_step"] += 1
-                b, p = self._buffers, self._parameters
                 b["num_batches_tracked" if self.track_running_stats else "_fxbns_step"].add_(1)
                 return torch.batch_norm(input, p["weight"], p["bias"], b["running_mean"], b["running_var"], True,
                                         self.momentum, self.eps, torch.backends.cudnn.enabled)

@@ -107,6 +107,19 @@ def test_exact_fast_path_honours_functional_call():
     assert torch.equal(ya, yb) and not torch.allclose(yb, sbn(x))
 
 
+def test_exact_layer_with_a_parametrized_weight():
+    """A weight under ``torch.nn.utils.parametrize`` is not in ``_parameters``: the general exact path runs it."""
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    bn, sbn = _bn_pair(6, BatchSampling(ratio=0.25, min_elements=BIG))
+    for m in (bn, sbn):
+        torch.nn.utils.parametrize.register_parametrization(m, "weight", Double())
+    x = torch.randn(8, 6, 5, 5)
+    assert torch.equal(bn(x), sbn(x))
+
+
 def test_exact_decision_follows_a_changed_estimator():
     """The exact-at-this-shape decision is cached per shape, but not across a new estimator."""
     bn, sbn = _bn_pair(6, BatchSampling(ratio=0.25, min_elements=BIG))
