@@ -150,16 +150,20 @@ class SampledBatchNorm(_BatchNorm):
             if hit is None or hit[0] is not self.estimator or hit[1] is not self.micro:
                 self._check_input_dim(input)
                 hit = (self.estimator, self.micro, _exact_here(self.active_estimator(input.shape[0]), input.shape,
-                                                               input.shape[0]) and self.momentum is not None)
+                                                               input.shape[0]))
                 cache[input.shape] = hit
             b, p = self._buffers, self._parameters
-            # (a parametrized weight, e.g. torch.nn.utils.parametrize, is not in _parameters: the general path)
-            if hit[2] and "weight" in p and "bias" in p and "running_mean" in b and "running_var" in b:
+            # (momentum=None, a cumulative average, and a parametrized weight, e.g. torch.nn.utils.parametrize,
+            # which is not in _parameters: the general path)
+            if (hit[2] and self.momentum is not None and "weight" in p and "bias" in p and "running_mean" in b
+                    and "running_var" in b):
                 # what nn.BatchNorm's training forward does, without its per-call checks
                 self.__dict__["_host_step"] += 1
-                b["num_batches_tracked" if self.track_running_stats else "_fxbns_step"].add_(1)
-                return torch.batch_norm(input, p["weight"], p["bias"], b["running_mean"], b["running_var"], True,
-                                        self.momentum, self.eps, torch.backends.cudnn.enabled)
+                track = self.track_running_stats
+                b["num_batches_tracked" if track else "_fxbns_step"].add_(1)
+                return torch.batch_norm(input, p["weight"], p["bias"], b["running_mean"] if track else None,
+                                        b["running_var"] if track else None, True, self.momentum, self.eps,
+                                        torch.backends.cudnn.enabled)
         self._check_input_dim(input)
         n_real, spec = self._resolve(input, n_real)
         if _exact_here(spec, input.shape, n_real):

@@ -120,6 +120,17 @@ def test_exact_layer_with_a_parametrized_weight():
     assert torch.equal(bn(x), sbn(x))
 
 
+def test_exact_fast_path_follows_changed_momentum():
+    """Switching to a cumulative average (``momentum=None``) after the shape was seen follows nn.BatchNorm."""
+    bn, sbn = _bn_pair(6, BatchSampling(ratio=0.25, min_elements=BIG))
+    x = torch.randn(8, 6, 5, 5)
+    assert torch.equal(bn(x), sbn(x))
+    bn.momentum = sbn.momentum = None
+    for _ in range(2):
+        assert torch.equal(bn(x * 2 + 1), sbn(x * 2 + 1))
+    assert torch.equal(bn.running_mean, sbn.running_mean) and torch.equal(bn.running_var, sbn.running_var)
+
+
 def test_exact_decision_follows_a_changed_estimator():
     """The exact-at-this-shape decision is cached per shape, but not across a new estimator."""
     bn, sbn = _bn_pair(6, BatchSampling(ratio=0.25, min_elements=BIG))
