@@ -238,12 +238,11 @@ class _FusedSampledBatchNorm(torch.autograd.Function):
                 term = None
             else:
                 term = torch.addcmul(A, xs, B.view(bs))
-        if term is None:
-            pass
-        elif is_view:
-            _retake(dx, geom, g).add_(term)
-        else:
-            scatter_add_(dx, g, term)
+        if term is not None:  # (None: already added in place)
+            if is_view:
+                _retake(dx, geom, g).add_(term)
+            else:
+                scatter_add_(dx, g, term)
         return (dx, sum_dyx if (weight is not None and ctx.needs_input_grad[1]) else None,
                 sum_dy if ctx.needs_input_grad[2] else None, None, None, None, None, None, None, None)
 

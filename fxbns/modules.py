@@ -152,30 +152,35 @@ class SampledBatchNorm(_BatchNorm):
                 hit = (self.estimator, self.micro, _exact_here(self.active_estimator(input.shape[0]), input.shape,
                                                                input.shape[0]))
                 cache[input.shape] = hit
-            b, p = self._buffers, self._parameters
-            # (momentum=None, a cumulative average, and a parametrized weight, e.g. torch.nn.utils.parametrize,
-            # which is not in _parameters: the general path)
-            if (hit[2] and self.momentum is not None and "weight" in p and "bias" in p and "running_mean" in b
-                    and "running_var" in b):
-                # what nn.BatchNorm's training forward does, without its per-call checks
-                self.__dict__["_host_step"] += 1
-                track = self.track_running_stats
-                b["num_batches_tracked" if track else "_fxbns_step"].add_(1)
-                return torch.batch_norm(input, p["weight"], p["bias"], b["running_mean"] if track else None,
-                                        b["running_var"] if track else None, True, self.momentum, self.eps,
-                                        torch.backends.cudnn.enabled)
+            if hit[2]:
+                return self._exact_forward(input)
         self._check_input_dim(input)
         n_real, spec = self._resolve(input, n_real)
         if _exact_here(spec, input.shape, n_real):
             if n_real == input.shape[0]:
-                self._next_host_step()  # keep the host counter in step with the device counter
-                if not self.track_running_stats:
-                    self._fxbns_step.add_(1)
-                return super().forward(input)
+                return self._exact_forward(input)
             spec = Exact()
         return train_forward(input, n_real, spec, self.weight, self.bias, self.running_mean, self.running_var,
                              self.num_batches_tracked if self.track_running_stats else None, self._fxbns_step,
                              self.momentum, self.eps, self.seed, self._next_host_step())
+
+    def _exact_forward(self, input: torch.Tensor) -> torch.Tensor:
+        """nn.BatchNorm's training forward (exact statistics, the same kernel), with the host step counter kept
+        in step with the device counter.  In eager mode it calls the batch-norm op directly, without
+        nn.BatchNorm's per-call checks; ``momentum=None`` (a cumulative average), a parametrized weight (e.g.
+        ``torch.nn.utils.parametrize``, which is not in ``_parameters``) and ``torch.compile`` go through
+        nn.BatchNorm's own forward."""
+        track = self.track_running_stats
+        b, p = self._buffers, self._parameters
+        if (self._next_host_step() is None or self.momentum is None or "weight" not in p or "bias" not in p
+                or "running_mean" not in b or "running_var" not in b):
+            if not track:
+                self._fxbns_step.add_(1)
+            return super().forward(input)
+        b["num_batches_tracked" if track else "_fxbns_step"].add_(1)
+        return torch.batch_norm(input, p["weight"], p["bias"], b["running_mean"] if track else None,
+                                b["running_var"] if track else None, True, self.momentum, self.eps,
+                                torch.backends.cudnn.enabled)
 
 
 class FunctionalBatchNorm(nn.Module):
