@@ -306,3 +306,44 @@ def test_add_into_falls_back_when_the_sum_does_not_fit():
     assert add_into(leaf, 1.0) is not leaf
     c = torch.randn(2, 3)  # no grad required: summed in place
     assert add_into(c, torch.ones(3)) is c
+
+
+@pytest.mark.parametrize("shape", [(16, 512, 2, 2), (16, 1024, 2, 1), (4, 2048, 4), (16, 512, 1, 2, 2)])
+def test_exact_tiny_maps_as_rows_match_batchnorm(shape):
+    """Exact statistics on maps of 2-4 elements run on an (N*H*W, C) copy: the same values as nn.BatchNorm
+    (within float rounding: another summation order), the same running statistics and gradients, NCHW out."""
+    from fxbns.modules import _tiny_map_rows
+
+    cls = {3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[len(shape)]
+    torch.manual_seed(0)
+    bn = cls(shape[1]).train()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+    sbn = SampledBatchNorm.from_batchnorm(copy.deepcopy(bn), BatchSampling(min_elements=BIG))
+    x = (torch.randn(shape) * 3 + 1).requires_grad_()
+    assert _tiny_map_rows(x)
+    dy = torch.randn(shape)
+    x2 = x.detach().clone().requires_grad_()
+    y, y2 = bn(x), sbn(x2)
+    assert y2.shape == y.shape and y2.is_contiguous()
+    torch.testing.assert_close(y2, y, rtol=1e-5, atol=1e-5)
+    y.backward(dy)
+    y2.backward(dy)
+    torch.testing.assert_close(x2.grad, x.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sbn.weight.grad, bn.weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(sbn.bias.grad, bn.bias.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(sbn.running_mean, bn.running_mean)
+    torch.testing.assert_close(sbn.running_var, bn.running_var)
+    assert int(sbn.num_batches_tracked) == int(bn.num_batches_tracked) == 1
+
+
+def test_tiny_map_rows_only_where_measured_faster():
+    from fxbns.modules import _tiny_map_rows
+
+    assert _tiny_map_rows(torch.empty(16, 512, 2, 2))
+    assert not _tiny_map_rows(torch.empty(16, 128, 2, 2))  # below 2**15 elements: the native kernel is faster
+    assert not _tiny_map_rows(torch.empty(16, 1024, 3, 3))  # 9 elements per map
+    assert not _tiny_map_rows(torch.empty(16, 8192, 1, 1))  # 1x1: an (N, C) reduction already
+    assert not _tiny_map_rows(torch.empty(16, 512, 2, 2).to(memory_format=torch.channels_last))
+    assert not _tiny_map_rows(torch.empty(16, 512, 2, 2, device="meta"))  # other devices: not measured
