@@ -13,6 +13,7 @@ from .modules import SampledBatchNorm
 from .passes.fold import FoldResult, fold
 from .policy import PRESETS, Policy
 from .report import Report
+from .tune import TuneResult, tune
 
 __all__ = [
     "__version__",
@@ -37,4 +38,6 @@ __all__ = [
     "export_onnx",
     "ExportResult",
     "sampled_batch_norm",
+    "tune",
+    "TuneResult",
 ]

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._version import __version__
 from .estimators import BatchSampling, Exact, FeatureSampling, VirtualDataset
-from .modules import FunctionalBatchNorm, SampledBatchNorm
+from .modules import TINY_MAP_MIN_NUMEL, FunctionalBatchNorm, SampledBatchNorm
 from .passes.match import Site, find_sites
 from .passes.rewrite import rewrite_graph, swap_modules
 from .passes.virtual import VIRTUAL_NAME, VirtualBatch, inject_graph, strip_virtual
@@ -136,6 +137,10 @@ def _rows(sites: list[Site], virtual: bool) -> list[dict[str, Any]]:
                  if isinstance(s.spec, (BatchSampling, FeatureSampling)) and s.shape is not None else None)
         if below is not None and below > 1:
             notes.append(f"exact below batch {below} (min_elements {s.spec.min_elements})")
+        if (isinstance(s.spec, (BatchSampling, FeatureSampling)) and s.spec.min_elements > 0 and s.shape is not None
+                and len(s.shape) > 2 and 2 <= math.prod(s.shape[2:]) <= 4):
+            notes.append(f"eager CPU training: exact from {TINY_MAP_MIN_NUMEL} elements "
+                         f"(maps of 2-4 elements: faster than sampling there)")
         if isinstance(fs, FeatureSampling) and s.shape is not None and len(s.shape) == 2:
             notes.append(f"(N, C) input has no feature map: FS falls back to {fs_fallback(fs).describe()}")
         if s.spec is None and virtual and s.reason == "policy: exact":

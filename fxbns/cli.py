@@ -54,6 +54,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--explain", action="store_true", help="dry run: print the plan, write nothing but --report")
     p.add_argument("--min-elements", type=int, help="layers smaller than this (N*C*max(H*W,16)) keep exact "
                    "statistics; 0 samples every layer (the bs and fs presets use 262144)")
+    p.add_argument("--tune", action="store_true", help="time every sampled layer inside training steps on a random "
+                   "batch of --input-shape (give your training batch size and image size) with its estimator and "
+                   "exact, and keep exact statistics where that was faster on this machine (fxbns.tune)")
+    p.add_argument("--tune-steps", type=int, default=10, help="--tune: timed step pairs (default 10)")
+    p.add_argument("--save-policy", help="write the policy used (tuned with --tune) as JSON or YAML here")
     p.add_argument("--seed", type=int, default=0, help="seed for model init and sampling (default 0)")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     return p
@@ -188,7 +193,10 @@ def run(args) -> int:
     torch.manual_seed(args.seed)
     default_shape = (2, 3, 32, 32) if args.model is None and args.arch is None else (2, 3, 224, 224)
     shape = _parse_shape(args.input_shape, default_shape)
-    for path, flag in ((args.out, "--out"), (args.onnx, "--onnx"), (args.report, "--report")):
+    if args.tune_steps < 1:
+        raise CLIError(f"--tune-steps must be >= 1, got {args.tune_steps}", 2)
+    for path, flag in ((args.out, "--out"), (args.onnx, "--onnx"), (args.report, "--report"),
+                       (args.save_policy, "--save-policy")):
         _check_writable(path, flag)
     try:
         policy = fxbns.policy.resolve_policy(args.policy)
@@ -210,6 +218,20 @@ def run(args) -> int:
         raise CLIError(f"the model does not run on an input of shape {tuple(shape)} ({type(e).__name__}: "
                        f"{str(e).splitlines()[0][:200] if str(e) else ''}); set --input-shape") from None
     model.train()
+    if args.tune:
+        if shape[0] < 8:
+            print(f"[fxbns] note: --tune times the layers at batch {shape[0]}; give the training batch size in "
+                  f"--input-shape (the choice depends on the layer sizes)", file=sys.stderr)
+        with _step(f"timing the sampled layers in {args.tune_steps} training step pairs (--tune)"):
+            tuned = fxbns.tune(model, policy, torch.randn(shape), steps=args.tune_steps)
+        print(tuned)
+        policy = tuned.policy
+    if args.save_policy:
+        try:
+            policy.save(args.save_policy)
+        except ValueError as e:
+            raise CLIError(f"--save-policy: {e}", 2) from None
+        print(f"policy: {args.save_policy}")
     if args.explain:
         with _step("planning (dry run)"):
             rep = fxbns.explain(model, policy, x)

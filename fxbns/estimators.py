@@ -86,7 +86,9 @@ class BatchSampling:
     draw); ``draw="random"`` takes random distinct rows.  ``sample_backward=True`` also estimates the
     backward sums (d-gamma, d-beta and the statistics' gradient terms) from the sample (eager and
     ``torch.compile``).
-    ``min_elements``: below this :func:`layer_size` the layer computes exact statistics (0: always sample).
+    ``min_elements``: below this :func:`layer_size` the layer computes exact statistics (0: always sample);
+    when it is set (> 0), an eager CPU layer on maps of 2 to 4 elements with at least 2**15 elements is exact
+    as well, with a faster kernel form than sampling there (``fxbns.modules.exact_in_eager``).
     """
 
     ratio: float = 0.125
@@ -139,7 +141,9 @@ class FeatureSampling:
     the layout that is cheapest to read.  ``per_sample=True``: every sample has its own random offset
     (for ``band``: the batch's bands are spread evenly from the top of the map to the bottom, at a random
     shift).  Neither given: ``area_ratio=1/16``.  ``sample_backward``: as for :class:`BatchSampling`.
-    ``min_elements``: below this :func:`layer_size` the layer computes exact statistics (0: always sample).
+    ``min_elements``: below this :func:`layer_size` the layer computes exact statistics (0: always sample);
+    when it is set (> 0), an eager CPU layer on maps of 2 to 4 elements with at least 2**15 elements is exact
+    as well, with a faster kernel form than sampling there (``fxbns.modules.exact_in_eager``).
     """
 
     patch: tuple[int, ...] | None = None

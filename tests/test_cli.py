@@ -89,6 +89,8 @@ def test_pickled_module_needs_trust(tmp_path):
     (["--input-shape", "2,4,32,32"], 1, "does not run on an input of shape"),
     (["--arch", "torchvision:resnet181"], 1, "did you mean resnet18"),
     (["--out", "no/such/folder/ck.pt"], 1, "does not exist"),
+    (["--tune", "--tune-steps", "0"], 2, "--tune-steps must be >= 1"),
+    (["--save-policy", "no/such/folder/p.json"], 1, "does not exist"),
 ])
 def test_errors_are_one_clear_line(tmp_path, args, code, needle):
     p = run(*args, cwd=tmp_path)
@@ -138,3 +140,17 @@ def test_min_elements_flag(tmp_path):
     p = run("--policy", "fs", "--min-elements", "-3", "--explain")
     assert p.returncode == 2
     assert "--min-elements" in _one_error_line(p) and "integer >= 0" in p.stderr
+
+
+def test_tune_flag_writes_the_tuned_policy_and_uses_it(tmp_path):
+    p = run("--input-shape", "16,3,32,32", "--policy", "fs", "--min-elements", "0", "--tune", "--tune-steps", "2",
+            "--save-policy", tmp_path / "p.json", "--out", tmp_path / "ck.pt")
+    assert p.returncode == 0, p.stderr
+    assert "sampled sites timed over 2 step pairs" in p.stdout
+    pol = json.loads((tmp_path / "p.json").read_text())
+    exact = {n for n, s in pol.get("module_name", {}).items() if s["kind"] == "exact"}
+    n_set = int(p.stdout.split("step pairs: ")[1].split(" set exact")[0])
+    assert len(exact) == n_set
+    # the checkpoint holds the tuned policy: a load rebuilds the same choice
+    ck = torch.load(tmp_path / "ck.pt", weights_only=True)
+    assert ck["policy"].get("module_name", {}).keys() == pol.get("module_name", {}).keys()

@@ -249,9 +249,9 @@ def bench_train(args) -> dict:
 
     device = torch.device(args.device)
     names = args.models.split(",")
-    policies = {p: Policy.from_preset(p.split("_")[0]) for p in args.presets.split(",")}
+    policies = {p: Policy.from_preset(p.split("_")[0].split("+")[0]) for p in args.presets.split(",")}
     for p, pol in policies.items():
-        if p.endswith("_sb"):
+        if p.removesuffix("+tune").endswith("_sb"):
             pol.default = type(pol.default)(**{**pol.default.__dict__, "sample_backward": True})
         if args.min_elements is not None:
             pol.set_min_elements(args.min_elements)
@@ -270,6 +270,13 @@ def bench_train(args) -> dict:
         for mode in args.modes.split(","):
             for pname, pol in policies.items():
                 orig = copy.deepcopy(base)
+                tuned = None
+                if pname.endswith("+tune"):  # per-layer choice timed in this model's steps (fxbns.tune)
+                    t0 = time.perf_counter()
+                    res = fxbns.tune(copy.deepcopy(base), pol, x, loss_fn=lambda out, y=y: F.cross_entropy(out, y))
+                    tuned = {"seconds": round(time.perf_counter() - t0, 1), "timed": len(res.rows),
+                             "set_exact": res.exact}
+                    pol = res.policy
                 gm = fxbns.transform(copy.deepcopy(base), pol, example_inputs=x[:2])
                 ma, mb = (orig, gm) if mode == "eager" else (torch.compile(orig), torch.compile(gm))
                 oa = torch.optim.SGD(orig.parameters(), lr=1e-3, momentum=0.9)
@@ -295,7 +302,8 @@ def bench_train(args) -> dict:
                        "min_elements": pol.default.min_elements,
                        "exact_at_size": sum((r.get("exact_below_batch") or 0) > batch for r in fxbns.report(gm)),
                        "native_ms": r["a_ms"], "fxbns_ms": r["b_ms"], "speedup": r["speedup"], "spread": r["spread"],
-                       "bn_share": share, "bound_at_layer_speedup": [layer_x, bound], **mem}
+                       "bn_share": share, "bound_at_layer_speedup": [layer_x, bound], **mem,
+                       **({"tune": tuned} if tuned else {})}
                 rows.append(row)
                 b = f"{bound:.3f}" if bound else "-"
                 mr = f"{mem['mem_ratio']:.3f}x" if mem else "-"
@@ -472,7 +480,8 @@ def main() -> int:
                     "shapes) or a train-bench model name (its BN shapes, and the per-step total)")
     ap.add_argument("--estimators", default="bs,bs_sb,fs,fs_sb", help="layer: comma-separated")
     ap.add_argument("--models", default="resnet18,resnet50,mobilenet_v2,densenet121,efficientnet_b0")
-    ap.add_argument("--presets", default="bs,bs_sb,fs,fs_sb", help="train: presets, _sb = sample_backward on")
+    ap.add_argument("--presets", default="bs,bs_sb,fs,fs_sb", help="train: presets, _sb = sample_backward on, "
+                    "+tune = the per-layer choice of fxbns.tune (timed in the model's steps first)")
     ap.add_argument("--modes", default="eager,compile", help="train: eager and/or compile")
     ap.add_argument("--batch", type=int, help="train: batch size for every model (default: per model)")
     ap.add_argument("--size", type=int, help="train: input size for every model (default: per model)")
