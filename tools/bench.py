@@ -249,8 +249,12 @@ def bench_train(args) -> dict:
 
     device = torch.device(args.device)
     names = args.models.split(",")
-    policies = {p: Policy.from_preset(p.split("_")[0].split("+")[0]) for p in args.presets.split(",")}
+    # "aa": the native model against a copy of itself (the A/A control: the noise floor of a ratio)
+    policies = {p: None if p == "aa" else Policy.from_preset(p.split("_")[0].split("+")[0])
+                for p in args.presets.split(",")}
     for p, pol in policies.items():
+        if pol is None:
+            continue
         if p.removesuffix("+tune").endswith("_sb"):
             pol.default = type(pol.default)(**{**pol.default.__dict__, "sample_backward": True})
         if args.min_elements is not None:
@@ -277,7 +281,8 @@ def bench_train(args) -> dict:
                     tuned = {"seconds": round(time.perf_counter() - t0, 1), "timed": len(res.rows),
                              "set_exact": res.exact}
                     pol = res.policy
-                gm = fxbns.transform(copy.deepcopy(base), pol, example_inputs=x[:2])
+                gm = copy.deepcopy(base) if pol is None else fxbns.transform(copy.deepcopy(base), pol,
+                                                                                example_inputs=x[:2])
                 ma, mb = (orig, gm) if mode == "eager" else (torch.compile(orig), torch.compile(gm))
                 oa = torch.optim.SGD(orig.parameters(), lr=1e-3, momentum=0.9)
                 ob = torch.optim.SGD(gm.parameters(), lr=1e-3, momentum=0.9)
@@ -299,8 +304,9 @@ def bench_train(args) -> dict:
                 layer_x = args.layer_speedup
                 bound = 1 / (1 - share * (1 - 1 / layer_x)) if layer_x else None
                 row = {"model": name, "batch": batch, "size": size, "mode": mode, "preset": pname,
-                       "min_elements": pol.default.min_elements,
-                       "exact_at_size": sum((r.get("exact_below_batch") or 0) > batch for r in fxbns.report(gm)),
+                       "min_elements": pol.default.min_elements if pol is not None else None,
+                       "exact_at_size": sum((r.get("exact_below_batch") or 0) > batch for r in fxbns.report(gm))
+                       if pol is not None else None,
                        "native_ms": r["a_ms"], "fxbns_ms": r["b_ms"], "speedup": r["speedup"], "spread": r["spread"],
                        "bn_share": share, "bound_at_layer_speedup": [layer_x, bound], **mem,
                        **({"tune": tuned} if tuned else {})}
@@ -481,7 +487,8 @@ def main() -> int:
     ap.add_argument("--estimators", default="bs,bs_sb,fs,fs_sb", help="layer: comma-separated")
     ap.add_argument("--models", default="resnet18,resnet50,mobilenet_v2,densenet121,efficientnet_b0")
     ap.add_argument("--presets", default="bs,bs_sb,fs,fs_sb", help="train: presets, _sb = sample_backward on, "
-                    "+tune = the per-layer choice of fxbns.tune (timed in the model's steps first)")
+                    "+tune = the per-layer choice of fxbns.tune (timed in the model's steps first), aa = native against a "
+                    "copy of itself (the A/A control: how far a ratio moves by noise alone)")
     ap.add_argument("--modes", default="eager,compile", help="train: eager and/or compile")
     ap.add_argument("--batch", type=int, help="train: batch size for every model (default: per model)")
     ap.add_argument("--size", type=int, help="train: input size for every model (default: per model)")
