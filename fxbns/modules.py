@@ -245,8 +245,13 @@ def _tiny_map_rows(x: torch.Tensor) -> bool:
     another summation order (results within float rounding of nn.BatchNorm's).  Not used on other devices
     (not measured there).
     """
-    return (x.is_cpu and x.ndim >= 3 and x.numel() >= TINY_MAP_MIN_NUMEL
-            and 2 <= x.numel() // (x.shape[0] * x.shape[1]) <= 4 and x.is_contiguous())
+    return _tiny_map_shape(x.shape, x.is_cpu) and x.is_contiguous()
+
+
+def _tiny_map_shape(shape: tuple[int, ...], is_cpu: bool) -> bool:
+    """:func:`_tiny_map_rows` for a dense NCHW input of ``shape``."""
+    n = math.prod(shape)
+    return is_cpu and len(shape) >= 3 and n >= TINY_MAP_MIN_NUMEL and 2 <= n // (shape[0] * shape[1]) <= 4
 
 
 def _exact_here(spec, shape: torch.Size, n_real: int) -> bool:
@@ -259,17 +264,20 @@ def _exact_here(spec, shape: torch.Size, n_real: int) -> bool:
             and n_real * math.prod(shape[2:]) > 1)
 
 
-def exact_in_eager(spec, x: torch.Tensor) -> bool:
+def exact_in_eager(spec, x: torch.Tensor | tuple[int, ...], is_cpu: bool = True) -> bool:
     """Exact statistics for an eager training call on ``x`` (every row real): below the spec's
     ``min_elements`` (:func:`_exact_here`), or, when the spec has a ``min_elements`` (> 0), a map of 2 to 4
     elements that :func:`_tiny_map_rows` normalises exactly in less time than the sampled op takes (in a
     resnet50 step at 16x3x64x64: 16x2048x2x2 0.58-0.70 ms exact against 1.05-1.25 ms with ``fs``; mobilenet_v2
     at 32x3x64x64: 32x960x2x2 0.43-0.48 ms against 0.63-0.70 ms with ``bs`` and ``sample_backward``: per-layer
-    times from ``fxbns.tune``).  ``torch.compile`` keeps the sampled op there (its own kernels)."""
-    n = x.shape[0]
-    if _exact_here(spec, x.shape, n):
+    times from ``fxbns.tune``).  ``torch.compile`` keeps the sampled op there (its own kernels).
+    ``x`` may be a shape (a dense NCHW input on the CPU if ``is_cpu``)."""
+    shape = tuple(x.shape) if isinstance(x, torch.Tensor) else tuple(x)
+    if _exact_here(spec, shape, shape[0]):
         return True
-    return (isinstance(spec, (BatchSampling, FeatureSampling)) and spec.min_elements > 0 and _tiny_map_rows(x))
+    if not (isinstance(spec, (BatchSampling, FeatureSampling)) and spec.min_elements > 0):
+        return False
+    return _tiny_map_rows(x) if isinstance(x, torch.Tensor) else _tiny_map_shape(shape, is_cpu)
 
 
 def train_forward(input, n_real, spec, weight, bias, running_mean, running_var, num_batches_tracked, step,

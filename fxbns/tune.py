@@ -160,7 +160,7 @@ def _sites(gm: nn.Module, names: set[str], shapes: dict[str, tuple[int, ...]], d
         shape = shapes.get(name)
         spec = m.active_estimator(shape[0]) if shape else None
         if isinstance(spec, (BatchSampling, FeatureSampling)) and not exact_in_eager(
-                spec, torch.empty(shape, device=device)):
+                spec, shape, device.type == "cpu"):
             out[name] = m
     return out
 
