@@ -182,6 +182,8 @@ def tune(model: nn.Module, policy: Any = "fs", example_inputs=None, *, loss_fn: 
     exact, after ``warmup`` pairs; a site stays sampled when the median of its per-pair differences (sampled
     minus exact, forward plus backward) is negative.  ``loss_fn(output)`` gives the scalar to differentiate
     (default: the mean of the output).  ``model`` is not changed; the global RNG state is restored.
+    Timed: BatchNorm modules whose BS or FS estimator samples at that batch; ``F.batch_norm`` call sites and
+    sites of a model with a virtual batch (VDN, micro-batch) keep what the policy says.
     """
     from .api import _as_tuple, report, transform
 

@@ -126,3 +126,9 @@ def test_tune_with_cross_entropy_loss_trains_nothing():
     fxbns.tune(model, Policy(FeatureSampling()), torch.randn(4, 3, 8, 8), steps=1,
                loss_fn=lambda out: F.cross_entropy(out, y))
     assert torch.equal(model[0].weight, w) and model[0].weight.grad is None
+
+
+@pytest.mark.parametrize("preset", ["vdn", "micro", "exact"])
+def test_tune_leaves_virtual_and_exact_policies_as_they_are(preset):
+    res = fxbns.tune(_net(), preset, torch.randn(4, 3, 8, 8), steps=1, warmup=0)
+    assert res.rows == [] and res.policy.to_dict()["default"] == Policy.from_preset(preset).to_dict()["default"]
