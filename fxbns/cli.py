@@ -244,7 +244,10 @@ def run(args) -> int:
     if args.report:
         from ._io import atomic_write_text
 
-        atomic_write_text(args.report, json.dumps(_jsonable(rep.to_dict()), indent=2) + "\n")
+        doc = rep.to_dict()
+        if args.tune:  # the timings behind the tuned policy
+            doc["tune"] = {"steps": tuned.steps, "sites": tuned.rows}
+        atomic_write_text(args.report, json.dumps(_jsonable(doc), indent=2) + "\n")
         print(f"report: {args.report}")
     if args.explain:
         return 0

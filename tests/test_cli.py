@@ -144,13 +144,15 @@ def test_min_elements_flag(tmp_path):
 
 def test_tune_flag_writes_the_tuned_policy_and_uses_it(tmp_path):
     p = run("--input-shape", "16,3,32,32", "--policy", "fs", "--min-elements", "0", "--tune", "--tune-steps", "2",
-            "--save-policy", tmp_path / "p.json", "--out", tmp_path / "ck.pt")
+            "--save-policy", tmp_path / "p.json", "--out", tmp_path / "ck.pt", "--report", tmp_path / "r.json")
     assert p.returncode == 0, p.stderr
     assert "sampled sites timed over 2 step pairs" in p.stdout
     pol = json.loads((tmp_path / "p.json").read_text())
     exact = {n for n, s in pol.get("module_name", {}).items() if s["kind"] == "exact"}
     n_set = int(p.stdout.split("step pairs: ")[1].split(" set exact")[0])
     assert len(exact) == n_set
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["tune"]["steps"] == 2 and {r["name"] for r in rep["tune"]["sites"] if r["choice"] == "exact"} == exact
     # the checkpoint holds the tuned policy: a load rebuilds the same choice
     ck = torch.load(tmp_path / "ck.pt", weights_only=True)
     assert ck["policy"].get("module_name", {}).keys() == pol.get("module_name", {}).keys()
