@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import copy
-import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +21,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._version import __version__
 from .estimators import BatchSampling, Exact, FeatureSampling, VirtualDataset
-from .modules import TINY_MAP_MIN_NUMEL, FunctionalBatchNorm, SampledBatchNorm
+from .modules import TINY_MAP_MIN_NUMEL, FunctionalBatchNorm, SampledBatchNorm, tiny_map
 from .passes.match import Site, find_sites
 from .passes.rewrite import rewrite_graph, swap_modules
 from .passes.virtual import VIRTUAL_NAME, VirtualBatch, inject_graph, strip_virtual
@@ -138,7 +137,7 @@ def _rows(sites: list[Site], virtual: bool) -> list[dict[str, Any]]:
         if below is not None and below > 1:
             notes.append(f"exact below batch {below} (min_elements {s.spec.min_elements})")
         if (isinstance(s.spec, (BatchSampling, FeatureSampling)) and s.spec.min_elements > 0 and s.shape is not None
-                and len(s.shape) > 2 and 2 <= math.prod(s.shape[2:]) <= 4):
+                and tiny_map(s.shape)):
             notes.append(f"eager CPU training: exact from {TINY_MAP_MIN_NUMEL} elements "
                          f"(maps of 2-4 elements: faster than sampling there)")
         if isinstance(fs, FeatureSampling) and s.shape is not None and len(s.shape) == 2:

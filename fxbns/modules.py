@@ -248,10 +248,14 @@ def _tiny_map_rows(x: torch.Tensor) -> bool:
     return _tiny_map_shape(x.shape, x.is_cpu) and x.is_contiguous()
 
 
+def tiny_map(shape: tuple[int, ...]) -> bool:
+    """Whether an input of ``shape`` has feature maps of 2 to 4 elements."""
+    return len(shape) >= 3 and 2 <= math.prod(shape[2:]) <= 4
+
+
 def _tiny_map_shape(shape: tuple[int, ...], is_cpu: bool) -> bool:
     """:func:`_tiny_map_rows` for a dense NCHW input of ``shape``."""
-    n = math.prod(shape)
-    return is_cpu and len(shape) >= 3 and n >= TINY_MAP_MIN_NUMEL and 2 <= n // (shape[0] * shape[1]) <= 4
+    return is_cpu and math.prod(shape) >= TINY_MAP_MIN_NUMEL and tiny_map(shape)
 
 
 def _exact_here(spec, shape: torch.Size, n_real: int) -> bool:

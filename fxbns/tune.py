@@ -165,6 +165,11 @@ def _sites(gm: nn.Module, names: set[str], shapes: dict[str, tuple[int, ...]], d
     return out
 
 
+def _ms(times, part: int | None = None) -> float:
+    """Median milliseconds of ``(fwd, bwd)`` pairs: their sum, or one ``part`` (0 fwd, 1 bwd)."""
+    return round(1e3 * statistics.median(sum(t) if part is None else t[part] for t in times), 4)
+
+
 def _copy(pol: Policy) -> Policy:
     """A copy of ``pol`` whose rule tables can be changed without touching ``pol`` (specs are immutable)."""
     out = copy.copy(pol)
@@ -241,14 +246,10 @@ def tune(model: nn.Module, policy: Any = "fs", example_inputs=None, *, loss_fn: 
         choice = "sampled" if diff < 0 else "exact"
         if choice == "exact":
             set_exact.append(n)
-
-        def ms(v, i=None):
-            return round(1e3 * statistics.median(sum(t) if i is None else t[i] for t in v), 4)
-
         result_rows.append({"name": n, "shape": list(shapes[n]), "estimator": specs[n].describe(),
-                            "sampled_ms": ms(ts), "exact_ms": ms(te), "diff_ms": round(1e3 * diff, 4),
-                            "sampled_fwd_ms": ms(ts, 0), "sampled_bwd_ms": ms(ts, 1),
-                            "exact_fwd_ms": ms(te, 0), "exact_bwd_ms": ms(te, 1), "choice": choice})
+                            "sampled_ms": _ms(ts), "exact_ms": _ms(te), "diff_ms": round(1e3 * diff, 4),
+                            "sampled_fwd_ms": _ms(ts, 0), "sampled_bwd_ms": _ms(ts, 1),
+                            "exact_fwd_ms": _ms(te, 0), "exact_bwd_ms": _ms(te, 1), "choice": choice})
     for n in set_exact:
         out.set_module_name(n, Exact())
     if out.fn is not None and set_exact:
