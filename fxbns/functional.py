@@ -207,11 +207,21 @@ class _FusedSampledBatchNorm(torch.autograd.Function):
             xfmt = _memory_format(xs)
             if not dys.is_contiguous(memory_format=xfmt):
                 dys = dys.contiguous(memory_format=xfmt)
-            _, sum_dyx, sum_dy = _bn_backward(dys, xs, w, mean, var, None, None, False, eps, [False, True, True])
+            # the training-mode kernel on the sample alone: its two sums, and its own input gradient
+            #   dxs = gi * (dy - (sum_s(dy) + xhat * sum_s(dy * xhat)) / m)
+            # whose statistics' term is the estimate's, 1/scale of it (the sums scaled to the full extent):
+            # a sampled element's gradient is gi * dy + scale * (dxs - gi * dy), one lerp on the band
+            dxs, sum_dyx, sum_dy = _bn_backward(dys, xs, w, None, None, mean, invstd, True, eps, [True, True, True])
             sc = _const(scale, sum_dy)
             sum_dyx = sum_dyx * sc
             sum_dy = sum_dy * sc
             dx = dy * gi.view(bx)
+            if is_view:
+                _retake(dx, geom, g).lerp_(dxs, scale)
+            else:
+                scatter_add_(dx, g, torch.sub(dxs, dys * gi.view(bs)).mul_(scale))
+            return (dx, sum_dyx if (weight is not None and ctx.needs_input_grad[1]) else None,
+                    sum_dy if ctx.needs_input_grad[2] else None, None, None, None, None, None, None, None)
         else:
             xs = _retake(xx, geom, g)
             if tiny_cl is not None:
