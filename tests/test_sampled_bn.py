@@ -482,15 +482,17 @@ def test_host_step_follows_the_state_dict():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("shape", [(8, 16, 32, 32), (4, 8, 48, 48), (6, 12, 16, 10, 10)])
+@pytest.mark.parametrize("shape", [(16, 16, 32, 32), (4, 8, 96, 96), (6, 12, 16, 20, 20)])
 def test_large_sample_moments_from_sums_equal_batchnorm(shape, dtype):
-    """Samples of >= 2**16 elements take their moments from two reductions (``_update_stats``):
+    """Samples of >= 2**18 elements take their moments from two reductions (``_update_stats``):
     still BatchNorm's forward, gradients and running statistics with the full sample, also on data
     whose mean is large against its spread."""
     from fxbns.functional import SUMS_MIN_NUMEL
 
     assert math.prod(shape) >= SUMS_MIN_NUMEL
-    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    # float32: the mean of 2**14-2**16 values near 20 is within float32 rounding of the float64 mean either way
+    # (ours 2.6e-6 off, aten's 0.8e-6 on (16, 16, 32, 32)), which moves outputs by up to ~1e-5
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
     dims = len(shape) - 2
     for spec in (BatchSampling(ratio=1.0), BatchSampling(ratio=1.0, sample_backward=True)):
         bn, sbn = _pair(dims, shape[1], dtype, 0.1, True, True, spec)
@@ -512,9 +514,10 @@ def test_large_sample_moments_from_sums_equal_batchnorm(shape, dtype):
 def test_moments_from_sums_against_float64(mu):
     """``_update_stats``'s reduction path (large NCHW samples) keeps the variance to float32 precision
     even when the mean is large against the spread (no E[x^2] - E[x]^2 cancellation)."""
-    from fxbns.functional import _update_stats
+    from fxbns.functional import SUMS_MIN_NUMEL, _update_stats
 
-    x = torch.randn(8, 16, 32, 32) + mu
+    x = torch.randn(16, 16, 32, 32) + mu
+    assert x.numel() >= SUMS_MIN_NUMEL
     rm, rv = torch.zeros(16), torch.ones(16)
     mean, var = _update_stats(x, rm, rv, 0.1)
     xd = x.double()
