@@ -23,7 +23,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .estimators import BatchSampling, Exact, FeatureSampling, MicroBatch
 from .functional import fused_batch_norm, lerp_running_stats, sampled_batch_norm
-from .sampling import build_groups
+from .sampling import build_groups, host_draw
 
 __all__ = ["SampledBatchNorm", "site_seed"]
 
@@ -145,14 +145,25 @@ class SampledBatchNorm(_BatchNorm):
         if n_real is None and self._vstate is None and not torch.compiler.is_compiling():
             # eager, every row real: whether this shape gets exact statistics is decided once per shape (and
             # estimator), since most of a deep model's small layers take this path and its Python is per call
+            # (the same for the sample's geometry: host_draw works out everything that depends on the shape once)
             cache = self.__dict__.setdefault("_exact_cache", {})  # (modules pickled by older versions lack it)
             hit = cache.get(input.shape)
             if hit is None or hit[0] is not self.estimator or hit[1] is not self.micro:
                 self._check_input_dim(input)
-                hit = (self.estimator, self.micro, exact_in_eager(self.active_estimator(input.shape[0]), input))
+                spec = self.active_estimator(input.shape[0])
+                exact = exact_in_eager(spec, input)
+                draw = host_draw(spec, tuple(input.shape)) if not exact and isinstance(
+                    spec, (BatchSampling, FeatureSampling)) else None
+                hit = (self.estimator, self.micro, exact, spec, draw)
                 cache[input.shape] = hit
             if hit[2]:
                 return self._exact_forward(input)
+            if hit[4] is not None:
+                host_step = self._next_host_step()
+                return train_forward(input, input.shape[0], hit[3], self.weight, self.bias, self.running_mean,
+                                     self.running_var, self.num_batches_tracked if self.track_running_stats else None,
+                                     self._fxbns_step, self.momentum, self.eps, self.seed, host_step,
+                                     [hit[4](host_step, self.seed)])
         self._check_input_dim(input)
         n_real, spec = self._resolve(input, n_real)
         if _exact_here(spec, input.shape, n_real):
@@ -285,16 +296,18 @@ def exact_in_eager(spec, x: torch.Tensor | tuple[int, ...], is_cpu: bool = True)
 
 
 def train_forward(input, n_real, spec, weight, bias, running_mean, running_var, num_batches_tracked, step,
-                  momentum, eps, seed, host_step=None):
+                  momentum, eps, seed, host_step=None, groups=None):
     """One training forward with sampled statistics, updating the running statistics in place.
 
     ``host_step`` (the step counter as a Python int, eager mode) lets samples be drawn as strided views
     and selects the fused kernels (:func:`fused_batch_norm`); under ``torch.compile`` it is ``None`` and
-    the op is written in plain tensor arithmetic that the compiler fuses itself.
+    the op is written in plain tensor arithmetic that the compiler fuses itself.  ``groups``: the sample, when
+    the caller has drawn it (:func:`~fxbns.sampling.host_draw`); else drawn here.
     """
     N = input.shape[0]
     counter = num_batches_tracked if num_batches_tracked is not None else step
-    groups = build_groups(spec, tuple(input.shape), n_real, N - n_real, counter, seed, host_step)
+    if groups is None:
+        groups = build_groups(spec, tuple(input.shape), n_real, N - n_real, counter, seed, host_step)
     sb = bool(getattr(spec, "sample_backward", False)) and len(groups) == 1
     if (host_step is not None and len(groups) == 1 and input.dtype in _FUSED_DTYPES
             and (input.is_cpu or input.is_cuda) and (weight is None or weight.dtype == input.dtype)):

@@ -193,14 +193,12 @@ def sample_mask(shape: tuple[int, ...], g: Group, device: torch.device) -> torch
 
 
 def _bs_group(spec: BatchSampling, start: int, n: int, elems_per_row: int, step: torch.Tensor,
-              seed: int, weight: float, host_step: int | None = None) -> Group:
+              seed: int, weight: float) -> Group:
+    """The group drawn on the device (eager host draws: :func:`host_draw`)."""
     m = spec.sample_count(n)
     if m >= n:
         return Group(start, n, weight, n * elems_per_row)
     if spec.draw == "block":  # rows [off, off + m), off uniform in [0, n - m]
-        if host_step is not None:
-            off = start + random_ints_host(host_step, seed, 1)[0] % (n - m + 1)
-            return Group(start, n, weight, m * elems_per_row, view=lambda t: t.narrow(0, off, m))
         rows = random_ints(step, seed, 1) % (n - m + 1) + torch.arange(m, device=step.device)
         return Group(start, n, weight, m * elems_per_row, rows=rows, rows_block=True)
     rows = torch.argsort(random_ints(step, seed, n))[:m]
@@ -309,10 +307,11 @@ def _window_view(start: int, n: int, layout: str, offs: list[int], pts: tuple[in
 
 
 def _fs_group(spec: FeatureSampling, shape: tuple[int, ...], start: int, n: int, step: torch.Tensor,
-              seed: int, weight: float, host_step: int | None = None) -> Group:
+              seed: int, weight: float) -> Group:
+    """The group drawn on the device (eager host draws: :func:`host_draw`)."""
     spatial = tuple(shape[2:])
     if not spatial:
-        return _bs_group(fs_fallback(spec), start, n, 1, step, seed, weight, host_step)
+        return _bs_group(fs_fallback(spec), start, n, 1, step, seed, weight)
     if spec.layout == "band":
         size = math.prod(spatial)
         length = spec.band_length(spatial)
@@ -322,9 +321,6 @@ def _fs_group(spec: FeatureSampling, shape: tuple[int, ...], start: int, n: int,
             k, d, slack = band_plan(n, size, length, spatial[-1])
         else:
             k, d, slack = 1, 0, size - length
-        if host_step is not None:
-            o0 = random_ints_host(host_step, seed, 1)[0] % (slack + 1)
-            return Group(start, n, weight, n * length, view=_band_view(start, n, k, d, o0, length))
         o0 = random_ints(step, seed, 1) % (slack + 1)
         ar = torch.arange(length, device=step.device)
         if not spec.per_sample:
@@ -337,10 +333,6 @@ def _fs_group(spec: FeatureSampling, shape: tuple[int, ...], start: int, n: int,
         return Group(start, n, weight, n * count_per_row)
     k = len(spatial)
     ranges = [_offset_range(spec.layout, s, p) for s, p in zip(spatial, pts)]
-    if host_step is not None and not spec.per_sample:
-        r = random_ints_host(host_step, seed, k)
-        offs = [v % ranges[d] for d, v in enumerate(r)]
-        return Group(start, n, weight, n * count_per_row, view=_window_view(start, n, spec.layout, offs, pts, spatial))
     rows = n if spec.per_sample else 1
     r = random_ints(step, seed, rows * k).reshape(rows, k)
     flat = None
@@ -356,12 +348,76 @@ def _fs_group(spec: FeatureSampling, shape: tuple[int, ...], start: int, n: int,
     return Group(start, n, weight, n * count_per_row, pos=flat if spec.per_sample else flat[0])
 
 
+def _bs_block_draw(n: int, m: int, weight: float, count: int) -> Callable[[int, int], Group]:
+    def draw(host_step: int, seed: int) -> Group:
+        off = random_ints_host(host_step, seed, 1)[0] % (n - m + 1)
+        return Group(0, n, weight, count, view=lambda t: t.narrow(0, off, m))
+    return draw
+
+
+def _band_draw(n: int, weight: float, k: int, d: int, slack: int, length: int) -> Callable[[int, int], Group]:
+    def draw(host_step: int, seed: int) -> Group:
+        o0 = random_ints_host(host_step, seed, 1)[0] % (slack + 1)
+        return Group(0, n, weight, n * length, view=_band_view(0, n, k, d, o0, length))
+    return draw
+
+
+def _window_draw(n: int, weight: float, layout: str, ranges: list[int], pts: tuple[int, ...],
+                 spatial: tuple[int, ...]) -> Callable[[int, int], Group]:
+    def draw(host_step: int, seed: int) -> Group:
+        r = random_ints_host(host_step, seed, len(spatial))
+        offs = [v % ranges[d] for d, v in enumerate(r)]
+        return Group(0, n, weight, n * math.prod(pts), view=_window_view(0, n, layout, offs, pts, spatial))
+    return draw
+
+
+def host_draw(spec, shape: tuple[int, ...], weight: float = 1.0) -> Callable[[int, int], Group] | None:
+    """For a BS or FS ``spec`` whose eager sample is drawn on the host (a strided view, or the whole batch), on
+    inputs of ``shape`` with every row real: ``draw(host_step, seed) -> Group``, the group
+    :func:`build_groups` returns, with everything that depends on the shape alone worked out once (eager
+    layers cache it per shape: the per-call Python is most of a small layer's cost).  ``None`` where the eager
+    sample is drawn on the device (BS ``draw="random"``, per-sample FS patches and grids).  ``weight``: the
+    group's weight in pooled statistics (VDN mixing)."""
+    n, spatial = shape[0], tuple(shape[2:])
+    elems = math.prod(spatial)
+    if isinstance(spec, FeatureSampling) and not spatial:
+        spec = fs_fallback(spec)
+    if isinstance(spec, BatchSampling):
+        m = spec.sample_count(n)
+        if m >= n:
+            g = Group(0, n, weight, n * elems)
+            return lambda host_step, seed: g
+        return _bs_block_draw(n, m, weight, m * elems) if spec.draw == "block" else None
+    if not isinstance(spec, FeatureSampling):
+        return None
+    if spec.layout == "band":
+        size = elems
+        length = spec.band_length(spatial)
+        if length >= size:
+            g = Group(0, n, weight, n * size)
+            return lambda host_step, seed: g
+        k, d, slack = band_plan(n, size, length, spatial[-1]) if spec.per_sample else (1, 0, size - length)
+        return _band_draw(n, weight, k, d, slack, length)
+    pts = spec.points(spatial)
+    if pts == spatial:
+        g = Group(0, n, weight, n * elems)
+        return lambda host_step, seed: g
+    if spec.per_sample:
+        return None
+    return _window_draw(n, weight, spec.layout, [_offset_range(spec.layout, s, p) for s, p in zip(spatial, pts)],
+                        pts, spatial)
+
+
 def _real_group(spec, shape, n_real, step, seed, weight, host_step=None) -> Group:
+    if host_step is not None and isinstance(spec, (BatchSampling, FeatureSampling)):
+        draw = host_draw(spec, (n_real, *shape[1:]), weight)
+        if draw is not None:
+            return draw(host_step, seed)
     elems = math.prod(shape[2:])
     if isinstance(spec, BatchSampling):
-        return _bs_group(spec, 0, n_real, elems, step, seed, weight, host_step)
+        return _bs_group(spec, 0, n_real, elems, step, seed, weight)
     if isinstance(spec, FeatureSampling):
-        return _fs_group(spec, shape, 0, n_real, step, seed, weight, host_step)
+        return _fs_group(spec, shape, 0, n_real, step, seed, weight)
     return Group(0, n_real, weight, n_real * elems)  # all real rows
 
 

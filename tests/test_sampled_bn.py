@@ -396,6 +396,33 @@ def test_host_views_equal_device_gather(shape, spec, channels_last):
         torch.testing.assert_close(a, e, atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("spec", VIEW_SPECS + [BatchSampling(ratio=0.25, draw="random"),
+                                  FeatureSampling(area_ratio=0.25, layout="grid", per_sample=True),
+                                  FeatureSampling(area_ratio=0.25, per_sample=True), BatchSampling(ratio=1.0),
+                                  FeatureSampling(area_ratio=1.0, layout="band")], ids=lambda s: s.describe())
+@pytest.mark.parametrize("shape", [(8, 5, 12, 10), (8, 5, 2, 2), (12, 4, 30), (8, 4)])
+def test_layer_fast_path_equals_device_draws(spec, shape):
+    """An eager layer draws its sample through a per-shape cached plan (host_draw); over several steps it
+    takes the same elements as the device draw (outputs, input gradients, running statistics)."""
+    torch.manual_seed(0)
+    dims = max(1, len(shape) - 2)
+    bn = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}[dims](shape[1], dtype=torch.float64)
+    sbn = SampledBatchNorm.from_batchnorm(copy.deepcopy(bn), spec, seed=5)
+    rm, rv = bn.running_mean.clone(), bn.running_var.clone()
+    for step in range(3):
+        x = torch.randn(shape, dtype=torch.float64) * 2 + 1
+        dy = torch.randn(shape, dtype=torch.float64)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya = sbn(xa)
+        ya.backward(dy)
+        yb = train_forward(xb, shape[0], spec, bn.weight, bn.bias, rm, rv, None, torch.tensor(step), 0.1, 1e-5, 5)
+        yb.backward(dy)
+        torch.testing.assert_close(ya, yb, atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(xa.grad, xb.grad, atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(sbn.running_var, rv, atol=1e-10, rtol=1e-10)
+    assert int(sbn.num_batches_tracked) == 3
+
+
 @pytest.mark.parametrize("spec", [BatchSampling(ratio=0.25), BatchSampling(ratio=0.25, draw="random"),
                                   FeatureSampling(area_ratio=0.2), FeatureSampling(area_ratio=0.25, layout="grid"),
                                   FeatureSampling(area_ratio=0.25, layout="grid", per_sample=True),
