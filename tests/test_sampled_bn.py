@@ -397,7 +397,10 @@ def test_host_views_equal_device_gather(shape, spec, channels_last):
 
 
 @pytest.mark.parametrize("spec", VIEW_SPECS + [BatchSampling(ratio=0.25, draw="random"),
+                                  BatchSampling(ratio=0.25, draw="random", sample_backward=True),
                                   FeatureSampling(area_ratio=0.25, layout="grid", per_sample=True),
+                                  FeatureSampling(area_ratio=0.25, layout="grid", per_sample=True,
+                                                  sample_backward=True),
                                   FeatureSampling(area_ratio=0.25, per_sample=True), BatchSampling(ratio=1.0),
                                   FeatureSampling(area_ratio=1.0, layout="band")], ids=lambda s: s.describe())
 @pytest.mark.parametrize("shape", [(8, 5, 12, 10), (8, 5, 2, 2), (12, 4, 30), (8, 4)])
