@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--explain", action="store_true", help="dry run: print the plan, write nothing but --report")
     p.add_argument("--min-elements", type=int, help="layers smaller than this (N*C*max(H*W,16)) keep exact "
                    "statistics; 0 samples every layer (the bs and fs presets use 262144)")
+    p.add_argument("--sample-backward", action="store_true", help="estimate the backward's gradient sums from the "
+                   "sample too, on every BS and FS layer of the policy (faster training, less memory)")
     p.add_argument("--tune", action="store_true", help="time every sampled layer inside training steps on a random "
                    "batch of --input-shape (give your training batch size and image size) with its estimator and "
                    "exact, and keep exact statistics where that was faster on this machine (fxbns.tune)")
@@ -208,6 +210,13 @@ def run(args) -> int:
             policy.set_min_elements(args.min_elements)
         except ValueError as e:
             raise CLIError(f"--min-elements: {e}", 2) from None
+    if args.sample_backward:
+        specs = [policy.default, policy.conv_bn, *(s for _, s in policy.object_types),
+                 *(s for _, s in policy.name_regexes), *policy.names.values()]
+        policy.set_sample_backward(True)
+        if not any(isinstance(s, (fxbns.BatchSampling, fxbns.FeatureSampling)) for s in specs):
+            raise CLIError(f"--sample-backward: policy {args.policy!r} has no BS or FS layer spec to set it on "
+                           "(it applies to the bs and fs presets and BS/FS specs in a policy file)", 2)
     with _step("loading the model"):
         model, what = _load_model(args)
     x = torch.randn(shape)

@@ -123,10 +123,20 @@ class Policy:
         every layer.  The ``bs`` and ``fs`` presets use ``2**18``.  Specs set later are not changed.
         """
         _check_min_elements("Policy", n)
+        return self._replace_sampling(min_elements=n)
 
+    def set_sample_backward(self, on: bool = True) -> Policy:
+        """Set ``sample_backward`` on every BS and FS spec of the policy (default, conv pairs, types, names):
+        the backward's two gradient sums (d-gamma, d-beta and the statistics' terms) are then estimated from the
+        sample too (faster, and the backward keeps only the sample; see :class:`~fxbns.BatchSampling`).  Specs
+        set later are not changed."""
+        if not isinstance(on, bool):
+            raise TypeError(f"set_sample_backward: on must be True or False, got {on!r}")
+        return self._replace_sampling(sample_backward=on)
+
+    def _replace_sampling(self, **fields) -> Policy:
         def fix(spec):
-            return dataclasses.replace(spec, min_elements=n) if isinstance(spec, (BatchSampling, FeatureSampling)) \
-                else spec
+            return dataclasses.replace(spec, **fields) if isinstance(spec, (BatchSampling, FeatureSampling)) else spec
 
         self.default = fix(self.default)
         if self.conv_bn is not _UNSET:

@@ -142,6 +142,18 @@ def test_min_elements_flag(tmp_path):
     assert "--min-elements" in _one_error_line(p) and "integer >= 0" in p.stderr
 
 
+def test_sample_backward_flag(tmp_path):
+    p = run("--policy", "fs", "--sample-backward", "--explain", "--report", tmp_path / "r.json")
+    assert p.returncode == 0, p.stderr
+    sites = json.loads((tmp_path / "r.json").read_text())["sites"]
+    sampled = [s for s in sites if s["spec"] is not None]
+    assert sampled and all(s["spec"]["sample_backward"] for s in sampled)
+    assert all(s["spec"]["min_elements"] == 2 ** 18 for s in sampled)  # the preset's other settings kept
+    p = run("--policy", "vdn", "--sample-backward", "--explain")
+    assert p.returncode == 2
+    assert "--sample-backward" in _one_error_line(p) and "no BS or FS" in p.stderr
+
+
 def test_tune_flag_writes_the_tuned_policy_and_uses_it(tmp_path):
     p = run("--input-shape", "16,3,32,32", "--policy", "fs", "--min-elements", "0", "--tune", "--tune-steps", "2",
             "--save-policy", tmp_path / "p.json", "--out", tmp_path / "ck.pt", "--report", tmp_path / "r.json")

@@ -57,6 +57,18 @@ def test_presets_and_set_min_elements():
         Policy().set_min_elements(-5)
 
 
+def test_set_sample_backward():
+    pol = (Policy.from_preset("bs").set_module_name("a", FeatureSampling()).set_module_name("c", None)
+           .set_module_name_regex("b.*", VirtualDataset()).set_sample_backward())
+    assert pol.default.sample_backward and pol.names["a"].sample_backward
+    assert pol.default.min_elements == 2 ** 18 and pol.default.ratio == 0.125  # the rest of the spec kept
+    assert pol.names["c"] is None and isinstance(pol.name_regexes[0][1], VirtualDataset)
+    assert not pol.set_sample_backward(False).default.sample_backward
+    assert Policy.from_dict(Policy.from_preset("fs").set_sample_backward().to_dict()).default.sample_backward
+    with pytest.raises(TypeError, match="True or False"):
+        Policy().set_sample_backward(1)
+
+
 def _bn_pair(c, spec):
     bn = nn.BatchNorm2d(c)
     with torch.no_grad():

@@ -266,7 +266,7 @@ def bench_train(args) -> dict:
         if pol is None:
             continue
         if p.removesuffix("+tune").endswith("_sb"):
-            pol.default = type(pol.default)(**{**pol.default.__dict__, "sample_backward": True})
+            pol.set_sample_backward()
         if args.min_elements is not None:
             pol.set_min_elements(args.min_elements)
     rows = []
