@@ -152,8 +152,9 @@ class _FusedSampledBatchNorm(torch.autograd.Function):
     forward:  ``batch_norm_update_stats`` on the sample (mean, biased var, and the running statistics
               with the sample's n/(n-1)), then the eval-mode batch-norm kernel on the whole input;
     backward: the eval-mode batch-norm backward (``dx = gamma * invstd * dy`` and both full sums in one
-              kernel), or with ``sample_backward`` the same kernel on the sample for the two sums and
-              one scaled copy of ``dy``; then the statistics' term on the sample, in place.
+              kernel), then the statistics' term on the sample, in place; or with ``sample_backward`` one
+              scaled copy of ``dy`` and the training-mode kernel on the sample alone (both sums, and the
+              sample's own gradient, from which the term follows: one ``lerp`` on the sample, in place).
     When the sample is a strided view (drawn on the host), nothing is gathered or scattered.  The backward
     keeps ``x``, as native batch norm does, or with ``sample_backward`` only a copy of the sample.
     """
