@@ -211,12 +211,10 @@ def run(args) -> int:
         except ValueError as e:
             raise CLIError(f"--min-elements: {e}", 2) from None
     if args.sample_backward:
-        specs = [policy.default, policy.conv_bn, *(s for _, s in policy.object_types),
-                 *(s for _, s in policy.name_regexes), *policy.names.values()]
-        policy.set_sample_backward(True)
-        if not any(isinstance(s, (fxbns.BatchSampling, fxbns.FeatureSampling)) for s in specs):
+        if not any(isinstance(s, (fxbns.BatchSampling, fxbns.FeatureSampling)) for s in policy.specs()):
             raise CLIError(f"--sample-backward: policy {args.policy!r} has no BS or FS layer spec to set it on "
                            "(it applies to the bs and fs presets and BS/FS specs in a policy file)", 2)
+        policy.set_sample_backward(True)
     with _step("loading the model"):
         model, what = _load_model(args)
     x = torch.randn(shape)

@@ -221,8 +221,6 @@ class _FusedSampledBatchNorm(torch.autograd.Function):
                 _retake(dx, geom, g).lerp_(dxs, scale)
             else:
                 scatter_add_(dx, g, torch.sub(dxs, dys * gi.view(bs)).mul_(scale))
-            return (dx, sum_dyx if (weight is not None and ctx.needs_input_grad[1]) else None,
-                    sum_dy if ctx.needs_input_grad[2] else None, None, None, None, None, None, None, None)
         else:
             xs = _retake(xx, geom, g)
             if tiny_cl is not None:
@@ -232,28 +230,28 @@ class _FusedSampledBatchNorm(torch.autograd.Function):
                 dx = dx.contiguous()
             else:
                 dx, sum_dyx, sum_dy = _bn_backward(dy, xx, w, mean, var, None, None, False, eps, [True, True, True])
-        # the statistics' term, sampled elements only:
-        #   -gi/n * (sum_dy + xhat * sum_dyx) = (x - mean) * invstd * (c * sum_dyx) + c * sum_dy,  c = -gi/n
-        c = gi * _const(k, gi)
-        cw, cb = c * sum_dyx, c * sum_dy
-        if _dense(xs):  # the eval-mode batch-norm kernel computes exactly this, fast on dense memory
-            term = torch.native_batch_norm(xs, cw, cb, mean, var, False, 0.0, eps)[0]
-        else:  # a strided view (a band of x): broadcast arithmetic reads it faster than that kernel
-            B = invstd * cw
-            A = (cb - B * mean).view(bs)
-            if is_view and xs.shape[-1] > 1:
-                # in place on dx's band, no temporary: 2x faster than a temporary and an add on runs of 16
-                # and more (32x96x32x32, runs of 64: 95 us against 175 us), even on runs of 4; slower on
-                # single elements (4x4 maps), which keep the temporary
-                _retake(dx, geom, g).addcmul_(xs, B.view(bs)).add_(A)
-                term = None
-            else:
-                term = torch.addcmul(A, xs, B.view(bs))
-        if term is not None:  # (None: already added in place)
-            if is_view:
-                _retake(dx, geom, g).add_(term)
-            else:
-                scatter_add_(dx, g, term)
+            # the statistics' term, sampled elements only:
+            #   -gi/n * (sum_dy + xhat * sum_dyx) = (x - mean) * invstd * (c * sum_dyx) + c * sum_dy,  c = -gi/n
+            c = gi * _const(k, gi)
+            cw, cb = c * sum_dyx, c * sum_dy
+            if _dense(xs):  # the eval-mode batch-norm kernel computes exactly this, fast on dense memory
+                term = torch.native_batch_norm(xs, cw, cb, mean, var, False, 0.0, eps)[0]
+            else:  # a strided view (a band of x): broadcast arithmetic reads it faster than that kernel
+                B = invstd * cw
+                A = (cb - B * mean).view(bs)
+                if is_view and xs.shape[-1] > 1:
+                    # in place on dx's band, no temporary: 2x faster than a temporary and an add on runs of 16
+                    # and more (32x96x32x32, runs of 64: 95 us against 175 us), even on runs of 4; slower on
+                    # single elements (4x4 maps), which keep the temporary
+                    _retake(dx, geom, g).addcmul_(xs, B.view(bs)).add_(A)
+                    term = None
+                else:
+                    term = torch.addcmul(A, xs, B.view(bs))
+            if term is not None:  # (None: already added in place)
+                if is_view:
+                    _retake(dx, geom, g).add_(term)
+                else:
+                    scatter_add_(dx, g, term)
         return (dx, sum_dyx if (weight is not None and ctx.needs_input_grad[1]) else None,
                 sum_dy if ctx.needs_input_grad[2] else None, None, None, None, None, None, None, None)
 

@@ -194,10 +194,13 @@ class Policy:
                     f"; its BatchNorms are e.g. {', '.join(site_names[:5])}"
                 raise ValueError(f"policy names module {name!r}, which {where}{hint}")
 
+    def specs(self) -> list[Any]:
+        """Every estimator the policy sets: default, conv pairs, types, name regexes, names (not a callable's)."""
+        return ([self.default] + ([self.conv_bn] if self.conv_bn is not _UNSET else [])
+                + [s for _, s in self.object_types] + [s for _, s in self.name_regexes] + list(self.names.values()))
+
     def uses_virtual(self) -> bool:
-        specs = [self.default, self.conv_bn] + [s for _, s in self.object_types] + \
-            [s for _, s in self.name_regexes] + list(self.names.values())
-        return self.micro is not None or any(isinstance(s, VirtualDataset) for s in specs)
+        return self.micro is not None or any(isinstance(s, VirtualDataset) for s in self.specs())
 
     # -- persistence -----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -286,19 +286,19 @@ def _dense_flat_stride(t: torch.Tensor) -> int:
     return t.stride(-1) if t.ndim > 2 else 1
 
 
-def _band_view(start: int, rows: int, k: int, d: int, o0: int, length: int):
-    """The band sample as one strided view: (rows // k, C, k, length), channel dim 1."""
+def _band_view(rows: int, k: int, d: int, o0: int, length: int):
+    """The band sample of rows ``[0, rows)`` as one strided view: (rows // k, C, k, length), channel dim 1."""
     def view(t: torch.Tensor) -> torch.Tensor:
         sn, sc, ss = t.stride(0), t.stride(1), _dense_flat_stride(t)
         return t.as_strided((rows // k, t.shape[1], k, length), (k * sn, sc, sn + d * ss, ss),
-                            t.storage_offset() + start * sn + o0 * ss)
+                            t.storage_offset() + o0 * ss)
     return view
 
 
-def _window_view(start: int, n: int, layout: str, offs: list[int], pts: tuple[int, ...], spatial: tuple[int, ...]):
-    """A shared-offset patch or grid as a view (narrow / strided slices of each spatial dim)."""
+def _window_view(n: int, layout: str, offs: list[int], pts: tuple[int, ...], spatial: tuple[int, ...]):
+    """A shared-offset patch or grid of rows ``[0, n)`` as a view (narrow / strided slices of each spatial dim)."""
     def view(t: torch.Tensor) -> torch.Tensor:
-        idx = [slice(start, start + n), slice(None)]
+        idx = [slice(0, n), slice(None)]
         for o, p, s in zip(offs, pts, spatial):
             st = 1 if layout == "patch" else s // p
             idx.append(slice(o, o + (p - 1) * st + 1, st))
@@ -358,7 +358,7 @@ def _bs_block_draw(n: int, m: int, weight: float, count: int) -> Callable[[int, 
 def _band_draw(n: int, weight: float, k: int, d: int, slack: int, length: int) -> Callable[[int, int], Group]:
     def draw(host_step: int, seed: int) -> Group:
         o0 = random_ints_host(host_step, seed, 1)[0] % (slack + 1)
-        return Group(0, n, weight, n * length, view=_band_view(0, n, k, d, o0, length))
+        return Group(0, n, weight, n * length, view=_band_view(n, k, d, o0, length))
     return draw
 
 
@@ -367,7 +367,7 @@ def _window_draw(n: int, weight: float, layout: str, ranges: list[int], pts: tup
     def draw(host_step: int, seed: int) -> Group:
         r = random_ints_host(host_step, seed, len(spatial))
         offs = [v % ranges[d] for d, v in enumerate(r)]
-        return Group(0, n, weight, n * math.prod(pts), view=_window_view(0, n, layout, offs, pts, spatial))
+        return Group(0, n, weight, n * math.prod(pts), view=_window_view(n, layout, offs, pts, spatial))
     return draw
 
 
