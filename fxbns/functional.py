@@ -160,52 +160,61 @@ class _FusedSampledBatchNorm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, group, eps, sample_backward, running_mean, running_var, momentum, stats_out):
-        xs = gather(x, group)
-        is_view = _takes_view(group)
-        xd = _dense_sample(xs)
-        if sample_backward and xd.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
-            # the backward keeps only this small copy, not x; a dense NCHW one (a plain clone of a band view
-            # keeps its permuted strides, which aten's batch-norm kernels read through their slow loop)
-            xd = xd.clone(memory_format=torch.contiguous_format)
-        mean, var = _update_stats(xd, running_mean, running_var, momentum)
-        y = torch.native_batch_norm(x, weight, bias, mean, var, False, 0.0, eps)[0]
-        if stats_out is not None:
-            stats_out += (mean, var)
-        nd = x.ndim
-        # everything the backward needs that does not depend on dy, in one tuple (attribute access costs)
-        ctx.cfg = (
-            group, eps, sample_backward, is_view, _memory_format(x),
+    def forward(ctx, x, weight, bias, group, eps, sample_backward, running_mean, running_var, momentum, stats_out,
+                plan=None, goff=0):
+        if plan is not None:  # a cached plan (fused_plan): the view at element offset goff of x, no checks
+            vshape, vstride, xstride, copy_fmt, native_stats, ones, static = plan
+            xs = x.as_strided(vshape, vstride, x.storage_offset() + goff)
+            xd = xs.clone(memory_format=copy_fmt) if copy_fmt is not None else xs
+            if native_stats:
+                mean, invstd = torch.native_batch_norm(xd, None, None, running_mean, running_var, True, momentum,
+                                                       eps)[1:]
+            else:
+                mean, invstd = _sample_stats(xd, running_mean, running_var, momentum, eps, False)[:2]
+            geom = (vshape, vstride, goff, xstride)
+        else:
+            xs = gather(x, group)
+            xd = _dense_sample(xs)
+            if sample_backward and xd.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+                # the backward keeps only this small copy, not x; a dense NCHW one (a plain clone of a band view
+                # keeps its permuted strides, which aten's batch-norm kernels read through their slow loop)
+                xd = xd.clone(memory_format=torch.contiguous_format)
+            mean, invstd, var = _sample_stats(xd, running_mean, running_var, momentum, eps, stats_out is not None)
+            if stats_out is not None:
+                stats_out += (mean, var)
+            static = _static_cfg(x, xs, xd, group, sample_backward)
+            ones = _ones(x.shape[1], mean)
             # where the sample sits inside x, to take the same view of dy and dx when they have x's strides
-            (xs.shape, xs.stride(), xs.storage_offset() - x.storage_offset(), x.stride()) if is_view else None,
-            -1.0 / group.count, (x.numel() // x.shape[1]) / group.count, (1, x.shape[1]) + (1,) * (xs.ndim - 2),
-            (1, x.shape[1]) + (1,) * (nd - 2),
-            # tiny maps (<= 2x2): aten's NCHW batch-norm backward is ~6x slower there than its channels-last
-            # kernel, even counting the two layout copies
-            (torch.channels_last if nd == 4 else torch.channels_last_3d)
-            if nd in (4, 5) and x.numel() // (x.shape[0] * x.shape[1]) < 8 and x.is_contiguous() else None)
+            geom = ((xs.shape, xs.stride(), xs.storage_offset() - x.storage_offset(), x.stride())
+                    if _takes_view(group) else None)
+        # gamma * invstd once, here: the eval-mode kernel fed (gi, variance 1, eps 0) computes the same
+        # gamma * (x - mean) * invstd + beta, and the backward needs gi and invstd, not the variance
+        gi = invstd * weight if weight is not None else invstd
+        y = torch.native_batch_norm(x, gi, bias, mean, ones, False, 0.0, 0.0)[0]
+        # everything the backward needs that does not depend on dy, in one tuple (attribute access costs)
+        ctx.cfg = (group, eps, sample_backward, geom, static)
         # sample_backward needs only the sample (peak memory below native's); otherwise x, as native BN keeps
-        ctx.save_for_backward(xd if sample_backward else x, weight, mean, var)
+        ctx.save_for_backward(xd if sample_backward else x, weight, mean, invstd, gi)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        xx, weight, mean, var = ctx.saved_tensors
-        g, eps, sb, is_view, fmt, geom, k, scale, bs, bx, tiny_cl = ctx.cfg
+        # Inside a training step every op here runs with cold caches (the convolutions between batch norms
+        # evict them): the first call of each kind costs 10-50 us against 2-5 us hot, later calls of the same
+        # kind far less.  So the backward runs few kinds of ops: the statistics' invstd and gamma * invstd come
+        # from the forward, gi's broadcast view is an as_strided like the sample's, the scalings are muls.
+        xx, weight, mean, invstd, gi = ctx.saved_tensors
+        g, eps, sb, geom, (fmt, k, scale, bs, gshape, tiny_cl, xfmt) = ctx.cfg
+        is_view = geom is not None
         w = weight if weight is not None else torch.ones_like(mean)
         if not dy.is_contiguous(memory_format=fmt):
             dy = dy.contiguous(memory_format=fmt)
-        # per-channel arithmetic with 0-d tensors, not Python floats: a float operand is wrapped into a new
-        # tensor on every call, which costs more than the arithmetic on these small vectors
-        invstd = torch.rsqrt(var + _const(eps, var))
-        gi = w * invstd
         if sb:
             xs = xx  # the dense copy of the sample (NCHW or channels-last)
             # dy's sample in xs's layout: aten's batch-norm backward falls back to a slow loop when the two
             # differ (a band of runs of 16 or more is read fast enough alone: 34 us against 5 + 9 us for a copy
             # and the dense kernel, on a 16x64x16x16 layer's band)
             dys = _retake(dy, geom, g)
-            xfmt = _memory_format(xs)
             if not dys.is_contiguous(memory_format=xfmt):
                 dys = dys.contiguous(memory_format=xfmt)
             # the training-mode kernel on the sample alone: its two sums, and its own input gradient
@@ -213,31 +222,36 @@ class _FusedSampledBatchNorm(torch.autograd.Function):
             # whose statistics' term is the estimate's, 1/scale of it (the sums scaled to the full extent):
             # a sampled element's gradient is gi * dy + scale * (dxs - gi * dy), one lerp on the band
             dxs, sum_dyx, sum_dy = _bn_backward(dys, xs, w, None, None, mean, invstd, True, eps, [True, True, True])
+            gib = gi.as_strided(*gshape)
+            dx = dy * gib
             sc = _const(scale, sum_dy)
             sum_dyx = sum_dyx * sc
             sum_dy = sum_dy * sc
-            dx = dy * gi.view(bx)
             if is_view:
                 _retake(dx, geom, g).lerp_(dxs, scale)
             else:
-                scatter_add_(dx, g, torch.sub(dxs, dys * gi.view(bs)).mul_(scale))
+                scatter_add_(dx, g, torch.sub(dxs, dys * gib.view(bs)).mul_(scale))
         else:
             xs = _retake(xx, geom, g)
+            # the eval-mode kernel fed (gi, mean, variance 1, eps 0): dx = gi * dy, sum(dy), and
+            # sum(dy * (x - mean)), which times invstd is sum(dy * xhat)
+            ones = _ones(mean.shape[0], mean)
             if tiny_cl is not None:
-                dx, sum_dyx, sum_dy = _bn_backward(dy.contiguous(memory_format=tiny_cl),
-                                                   xx.contiguous(memory_format=tiny_cl), w, mean, var, None, None,
-                                                   False, eps, [True, True, True])
+                dx, sum_dxm, sum_dy = _bn_backward(dy.contiguous(memory_format=tiny_cl),
+                                                   xx.contiguous(memory_format=tiny_cl), gi, mean, ones, None, None,
+                                                   False, 0.0, [True, True, True])
                 dx = dx.contiguous()
             else:
-                dx, sum_dyx, sum_dy = _bn_backward(dy, xx, w, mean, var, None, None, False, eps, [True, True, True])
+                dx, sum_dxm, sum_dy = _bn_backward(dy, xx, gi, mean, ones, None, None, False, 0.0, [True, True, True])
+            sum_dyx = sum_dxm * invstd
             # the statistics' term, sampled elements only:
-            #   -gi/n * (sum_dy + xhat * sum_dyx) = (x - mean) * invstd * (c * sum_dyx) + c * sum_dy,  c = -gi/n
+            #   -gi/n * (sum_dy + xhat * sum_dyx) = (x - mean) * (invstd * c * sum_dyx) + c * sum_dy,  c = -gi/n
             c = gi * _const(k, gi)
-            cw, cb = c * sum_dyx, c * sum_dy
+            B = c * sum_dyx * invstd
+            cb = c * sum_dy
             if _dense(xs):  # the eval-mode batch-norm kernel computes exactly this, fast on dense memory
-                term = torch.native_batch_norm(xs, cw, cb, mean, var, False, 0.0, eps)[0]
+                term = torch.native_batch_norm(xs, B, cb, mean, ones, False, 0.0, 0.0)[0]
             else:  # a strided view (a band of x): broadcast arithmetic reads it faster than that kernel
-                B = invstd * cw
                 A = (cb - B * mean).view(bs)
                 if is_view and xs.shape[-1] > 1:
                     # in place on dx's band, no temporary: 2x faster than a temporary and an add on runs of 16
@@ -253,7 +267,40 @@ class _FusedSampledBatchNorm(torch.autograd.Function):
                 else:
                     scatter_add_(dx, g, term)
         return (dx, sum_dyx if (weight is not None and ctx.needs_input_grad[1]) else None,
-                sum_dy if ctx.needs_input_grad[2] else None, None, None, None, None, None, None, None)
+                sum_dy if ctx.needs_input_grad[2] else None, None, None, None, None, None, None, None, None, None)
+
+
+def _static_cfg(x: torch.Tensor, xs: torch.Tensor, xd: torch.Tensor, group: Group, sample_backward: bool) -> tuple:
+    """What the backward needs that depends only on the shapes and layouts (cached in a plan)."""
+    c, nd = x.shape[1], x.ndim
+    return (_memory_format(x), -1.0 / group.count, (x.numel() // c) / group.count, (1, c) + (1,) * (xs.ndim - 2),
+            # gi as a (1, C, 1, ...) broadcast view (as_strided: the op the backward has just run, see backward)
+            ((1, c) + (1,) * (nd - 2), (c, 1) + (1,) * (nd - 2)),
+            # tiny maps (<= 2x2): aten's NCHW batch-norm backward is ~6x slower there than its channels-last
+            # kernel, even counting the two layout copies
+            (torch.channels_last if nd == 4 else torch.channels_last_3d)
+            if nd in (4, 5) and x.numel() // (x.shape[0] * c) < 8 and x.is_contiguous() else None,
+            _memory_format(xd) if sample_backward else None)
+
+
+def fused_plan(x: torch.Tensor, weight: torch.Tensor | None, group: Group, sample_backward: bool) -> tuple | None:
+    """For a host-drawn view group on a dense ``x``: what :class:`_FusedSampledBatchNorm` works out from the
+    shapes and layouts alone, to cache per input shape (the eager module does).  Inside a training step each
+    tensor-metadata call costs ~10 us and each op 20-50 us (cold caches), so the cached path skips them: given
+    the plan and the view's element offset, the forward takes the view, copies it, runs the two batch-norm ops.
+    ``None`` where the plan does not apply (index samples, strided inputs, the statistics' variance wanted)."""
+    if group.view is None or group.shift is None or not _dense(x) or group.count <= 1:
+        return None
+    xs = gather(x, group)
+    xd = _dense_sample(xs)
+    shares = xd.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+    if sample_backward:
+        copy_fmt = torch.contiguous_format if shares else _memory_format(xd)
+    else:
+        copy_fmt = None if shares else _memory_format(xd)
+    native_stats = (xd.numel() < SUMS_MIN_NUMEL or not xd.is_contiguous() or xd.numel() // (x.shape[1] * xd.shape[0]) < 8)
+    return (xs.shape, xs.stride(), x.stride(), copy_fmt, native_stats, _ones(x.shape[1], x),
+            _static_cfg(x, xs, xd, group, sample_backward))
 
 
 def _dense(t: torch.Tensor) -> bool:
@@ -262,6 +309,18 @@ def _dense(t: torch.Tensor) -> bool:
 
 
 _CONSTS: dict = {}
+_ONES: dict = {}
+
+
+def _ones(c: int, like: torch.Tensor) -> torch.Tensor:
+    """A cached ``(c,)`` tensor of ones of ``like``'s dtype and device (read-only: never modify it)."""
+    key = (c, like.dtype, like.device)
+    t = _ONES.get(key)
+    if t is None:
+        if len(_ONES) > 4096:
+            _ONES.clear()
+        t = _ONES[key] = torch.ones(c, dtype=like.dtype, device=like.device)
+    return t
 
 
 def _const(value: float, like: torch.Tensor) -> torch.Tensor:
@@ -307,6 +366,22 @@ def _update_stats(xd: torch.Tensor, running_mean: torch.Tensor | None, running_v
     if running_mean is not None:
         lerp_running_stats(running_mean, running_var, mean, var, n, momentum)
     return mean, var
+
+
+def _sample_stats(xd: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+                  momentum: float, eps: float, need_var: bool):
+    """(mean, invstd, biased var or None) of the dense sample ``xd`` per channel, updating the running
+    statistics in place as :func:`_update_stats` does.  Where that would call aten's statistics kernel, the
+    training-mode batch-norm op on the sample runs the same kernel and also returns invstd (the sample's
+    normalised copy it writes is small): one op where ``rsqrt(var + eps)`` took two more (each 20-50 us with
+    the cold caches of a training step).  ``need_var``: the variance is wanted too (then via _update_stats)."""
+    c = xd.shape[1]
+    if (not need_var and xd.numel() // c > 1 and (xd.numel() < SUMS_MIN_NUMEL or not xd.is_contiguous()
+                                                  or xd.numel() // (c * xd.shape[0]) < 8)):
+        _, mean, invstd = torch.native_batch_norm(xd, None, None, running_mean, running_var, True, momentum, eps)
+        return mean, invstd, None
+    mean, var = _update_stats(xd, running_mean, running_var, momentum)
+    return mean, torch.rsqrt(var + _const(eps, var)), var
 
 
 def lerp_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor,

@@ -22,7 +22,13 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .estimators import BatchSampling, Exact, FeatureSampling, MicroBatch
-from .functional import fused_batch_norm, lerp_running_stats, sampled_batch_norm
+from .functional import (
+    _FusedSampledBatchNorm,
+    fused_batch_norm,
+    fused_plan,
+    lerp_running_stats,
+    sampled_batch_norm,
+)
 from .sampling import build_groups, host_draw
 
 __all__ = ["SampledBatchNorm", "site_seed"]
@@ -154,16 +160,31 @@ class SampledBatchNorm(_BatchNorm):
                 exact = exact_in_eager(spec, input)
                 draw = host_draw(spec, tuple(input.shape)) if not exact and isinstance(
                     spec, (BatchSampling, FeatureSampling)) else None
-                hit = (self.estimator, self.micro, exact, spec, draw)
+                hit = (self.estimator, self.micro, exact, spec, draw, _UNPLANNED)
                 cache[input.shape] = hit
             if hit[2]:
                 return self._exact_forward(input)
             if hit[4] is not None:
-                host_step = self._next_host_step()
+                s = self._host_step
+                self.__dict__["_host_step"] = s + 1  # (_next_host_step without its is_compiling check, done above)
+                group = hit[4](s, self.seed)
+                plan = hit[5]
+                if plan is _UNPLANNED:
+                    plan = self._plan(input, hit[3], group)
+                    cache[input.shape] = hit = hit[:5] + (plan,)
+                if plan is not None and input.stride() == plan[2][2] and input.dtype == plan[0] and self.momentum is not None:
+                    # the cached plan: the view's offset from the draw, the op straight away (its Python, and the
+                    # checks train_forward and the op make, cost as much as a small layer's kernels in a step)
+                    p, b = self._parameters, self._buffers
+                    goff = sum(i * st for i, st in zip(group.shift, plan[2][2]))
+                    y = _FusedSampledBatchNorm.apply(input, p["weight"], p["bias"], group, self.eps, plan[1],
+                                                     b["running_mean"], b["running_var"], self.momentum, None, plan[2],
+                                                     goff)
+                    b["num_batches_tracked"].add_(1)
+                    return y
                 return train_forward(input, input.shape[0], hit[3], self.weight, self.bias, self.running_mean,
                                      self.running_var, self.num_batches_tracked if self.track_running_stats else None,
-                                     self._fxbns_step, self.momentum, self.eps, self.seed, host_step,
-                                     [hit[4](host_step, self.seed)])
+                                     self._fxbns_step, self.momentum, self.eps, self.seed, s, [group])
         self._check_input_dim(input)
         n_real, spec = self._resolve(input, n_real)
         if _exact_here(spec, input.shape, n_real):
@@ -173,6 +194,32 @@ class SampledBatchNorm(_BatchNorm):
         return train_forward(input, n_real, spec, self.weight, self.bias, self.running_mean, self.running_var,
                              self.num_batches_tracked if self.track_running_stats else None, self._fxbns_step,
                              self.momentum, self.eps, self.seed, self._next_host_step())
+
+    def _plan(self, input: torch.Tensor, spec, group):
+        """(input dtype, sample_backward, :func:`~fxbns.functional.fused_plan`) for the cached eager path, or
+        ``None`` where train_forward would not take the fused op (see there) or the plan does not apply."""
+        p, b = self._parameters, self._buffers
+        w, rm, rv = p.get("weight"), b.get("running_mean"), b.get("running_var")
+        if not (self.track_running_stats and "weight" in p and "bias" in p and rm is not None and rv is not None
+                and b.get("num_batches_tracked") is not None and input.dtype in _FUSED_DTYPES
+                and (input.is_cpu or input.is_cuda) and (w is None or w.dtype == input.dtype)
+                and rm.dtype == input.dtype and rv.dtype == input.dtype and rm.device == input.device):
+            return None
+        sb = bool(getattr(spec, "sample_backward", False))
+        fp = fused_plan(input, w, group, sb)
+        return None if fp is None else (input.dtype, sb, fp)
+
+    def __getstate__(self):
+        # the per-shape cache holds closures and tensors worked out from the shapes: not pickled (nor deep-copied),
+        # rebuilt on the next call
+        state = self.__dict__.copy()
+        state["_exact_cache"] = {}
+        return state
+
+    def _apply(self, fn, *args, **kwargs):
+        # a dtype or device change invalidates the cached per-shape plans (they hold tensors and dtypes)
+        self.__dict__["_exact_cache"] = {}
+        return super()._apply(fn, *args, **kwargs)
 
     def _exact_forward(self, input: torch.Tensor) -> torch.Tensor:
         """nn.BatchNorm's training forward (exact statistics, the same kernel), with the host step counter kept
@@ -240,6 +287,7 @@ class FunctionalBatchNorm(nn.Module):
 
 
 _FUSED_DTYPES = (torch.float32, torch.float64)
+_UNPLANNED = object()  # a cache entry whose fused plan is not worked out yet
 
 #: Exact training statistics on maps of 2 to 4 elements with at least this many elements take the (N*H*W, C) form.
 TINY_MAP_MIN_NUMEL = 1 << 15

@@ -95,6 +95,9 @@ class Group:
     pos: torch.Tensor | None = None
     view: Callable[[torch.Tensor], torch.Tensor] | None = None  # host-drawn sample: a strided view of the tensor
     rows_block: bool = False  # ``rows`` are consecutive (a block draw on the device)
+    # host draws: the index, per dim, where ``view`` starts in a dense tensor (its storage offset is the dot product
+    # of this with the tensor's strides; the band's flat offset along the maps counts as the last dim's)
+    shift: tuple[int, ...] | None = None
 
 
 def _block(x: torch.Tensor, g: Group) -> torch.Tensor:
@@ -348,17 +351,22 @@ def _fs_group(spec: FeatureSampling, shape: tuple[int, ...], start: int, n: int,
     return Group(start, n, weight, n * count_per_row, pos=flat if spec.per_sample else flat[0])
 
 
-def _bs_block_draw(n: int, m: int, weight: float, count: int) -> Callable[[int, int], Group]:
+def _bs_block_draw(n: int, m: int, weight: float, count: int, ndim: int) -> Callable[[int, int], Group]:
+    rest = (0,) * (ndim - 1)
+
     def draw(host_step: int, seed: int) -> Group:
         off = random_ints_host(host_step, seed, 1)[0] % (n - m + 1)
-        return Group(0, n, weight, count, view=lambda t: t.narrow(0, off, m))
+        return Group(0, n, weight, count, view=lambda t: t.narrow(0, off, m), shift=(off,) + rest)
     return draw
 
 
-def _band_draw(n: int, weight: float, k: int, d: int, slack: int, length: int) -> Callable[[int, int], Group]:
+def _band_draw(n: int, weight: float, k: int, d: int, slack: int, length: int, ndim: int
+               ) -> Callable[[int, int], Group]:
+    zeros = (0,) * (ndim - 1)
+
     def draw(host_step: int, seed: int) -> Group:
         o0 = random_ints_host(host_step, seed, 1)[0] % (slack + 1)
-        return Group(0, n, weight, n * length, view=_band_view(n, k, d, o0, length))
+        return Group(0, n, weight, n * length, view=_band_view(n, k, d, o0, length), shift=zeros + (o0,))
     return draw
 
 
@@ -367,7 +375,8 @@ def _window_draw(n: int, weight: float, layout: str, ranges: list[int], pts: tup
     def draw(host_step: int, seed: int) -> Group:
         r = random_ints_host(host_step, seed, len(spatial))
         offs = [v % ranges[d] for d, v in enumerate(r)]
-        return Group(0, n, weight, n * math.prod(pts), view=_window_view(n, layout, offs, pts, spatial))
+        return Group(0, n, weight, n * math.prod(pts), view=_window_view(n, layout, offs, pts, spatial),
+                     shift=(0, 0, *offs))
     return draw
 
 
@@ -387,7 +396,7 @@ def host_draw(spec, shape: tuple[int, ...], weight: float = 1.0) -> Callable[[in
         if m >= n:
             g = Group(0, n, weight, n * elems)
             return lambda host_step, seed: g
-        return _bs_block_draw(n, m, weight, m * elems) if spec.draw == "block" else None
+        return _bs_block_draw(n, m, weight, m * elems, len(shape)) if spec.draw == "block" else None
     if not isinstance(spec, FeatureSampling):
         return None
     if spec.layout == "band":
@@ -397,7 +406,7 @@ def host_draw(spec, shape: tuple[int, ...], weight: float = 1.0) -> Callable[[in
             g = Group(0, n, weight, n * size)
             return lambda host_step, seed: g
         k, d, slack = band_plan(n, size, length, spatial[-1]) if spec.per_sample else (1, 0, size - length)
-        return _band_draw(n, weight, k, d, slack, length)
+        return _band_draw(n, weight, k, d, slack, length, len(shape))
     pts = spec.points(spatial)
     if pts == spatial:
         g = Group(0, n, weight, n * elems)

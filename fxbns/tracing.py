@@ -31,7 +31,8 @@ class _Tracer(fx.Tracer):
     # buffers become get_attr nodes (not constants baked into the graph), so they stay state
     proxy_buffer_attributes = True
 
-    def __init__(self, leaves: set[str]) -> None:
+    def __init__(self, leaves: set[str] | frozenset[str] = frozenset()) -> None:
+        # (a default: unpickling a whole GraphModule re-traces its code with a no-argument subclass of this)
         super().__init__()
         self.leaves = leaves
         self.fail_path: str | None = None
