@@ -170,16 +170,19 @@ class _FusedSampledBatchNorm(torch.autograd.Function):
                 mean, invstd = torch.native_batch_norm(xd, None, None, running_mean, running_var, True, momentum,
                                                        eps)[1:]
             else:
-                mean, invstd = _sample_stats(xd, running_mean, running_var, momentum, eps, False)[:2]
+                mean, invstd = _sample_stats(xd, running_mean, running_var, momentum, eps, True)[:2]
             geom = (vshape, vstride, goff, xstride)
         else:
             xs = gather(x, group)
             xd = _dense_sample(xs)
-            if sample_backward and xd.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+            copied = xd.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+            if sample_backward and not copied:
                 # the backward keeps only this small copy, not x; a dense NCHW one (a plain clone of a band view
                 # keeps its permuted strides, which aten's batch-norm kernels read through their slow loop)
                 xd = xd.clone(memory_format=torch.contiguous_format)
-            mean, invstd, var = _sample_stats(xd, running_mean, running_var, momentum, eps, stats_out is not None)
+                copied = True
+            mean, invstd, var = _sample_stats(xd, running_mean, running_var, momentum, eps,
+                                              stats_out is not None or not copied)
             if stats_out is not None:
                 stats_out += (mean, var)
             static = _static_cfg(x, xs, xd, group, sample_backward)
@@ -298,7 +301,7 @@ def fused_plan(x: torch.Tensor, weight: torch.Tensor | None, group: Group, sampl
         copy_fmt = torch.contiguous_format if shares else _memory_format(xd)
     else:
         copy_fmt = None if shares else _memory_format(xd)
-    native_stats = (xd.numel() < SUMS_MIN_NUMEL or not xd.is_contiguous() or xd.numel() // (x.shape[1] * xd.shape[0]) < 8)
+    native_stats = copy_fmt is not None and _native_stats(xs.clone(memory_format=copy_fmt))
     return (xs.shape, xs.stride(), x.stride(), copy_fmt, native_stats, _ones(x.shape[1], x),
             _static_cfg(x, xs, xd, group, sample_backward))
 
@@ -368,16 +371,23 @@ def _update_stats(xd: torch.Tensor, running_mean: torch.Tensor | None, running_v
     return mean, var
 
 
+def _native_stats(xd: torch.Tensor) -> bool:
+    """Whether :func:`_sample_stats` takes a copied sample's moments from the training-mode batch-norm op."""
+    c = xd.shape[1]
+    return xd.numel() // c > 1 and (xd.numel() < SUMS_MIN_NUMEL or not xd.is_contiguous()
+                                    or xd.numel() // (c * xd.shape[0]) < 8)
+
+
 def _sample_stats(xd: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
                   momentum: float, eps: float, need_var: bool):
     """(mean, invstd, biased var or None) of the dense sample ``xd`` per channel, updating the running
-    statistics in place as :func:`_update_stats` does.  Where that would call aten's statistics kernel, the
-    training-mode batch-norm op on the sample runs the same kernel and also returns invstd (the sample's
-    normalised copy it writes is small): one op where ``rsqrt(var + eps)`` took two more (each 20-50 us with
-    the cold caches of a training step).  ``need_var``: the variance is wanted too (then via _update_stats)."""
-    c = xd.shape[1]
-    if (not need_var and xd.numel() // c > 1 and (xd.numel() < SUMS_MIN_NUMEL or not xd.is_contiguous()
-                                                  or xd.numel() // (c * xd.shape[0]) < 8)):
+    statistics in place as :func:`_update_stats` does.  Where that would call aten's statistics kernel on a
+    sample copied out of x, the training-mode batch-norm op on it runs the same kernel and also returns invstd
+    (the normalised copy it writes is small and the sample still in cache): one op where ``rsqrt(var + eps)``
+    took two more (each 20-50 us with the cold caches of a training step).  ``need_var``: the variance is wanted
+    too, or the sample is a view of x (where that op's extra write, and its slow loop on strided views, cost
+    more: mobilenet_v2's 32x96x32x32 band 2.5 -> 3.0 ms forward in a step): then via _update_stats."""
+    if not need_var and _native_stats(xd):
         _, mean, invstd = torch.native_batch_norm(xd, None, None, running_mean, running_var, True, momentum, eps)
         return mean, invstd, None
     mean, var = _update_stats(xd, running_mean, running_var, momentum)
