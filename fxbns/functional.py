@@ -312,29 +312,23 @@ def _dense(t: torch.Tensor) -> bool:
 
 
 _CONSTS: dict = {}
-_ONES: dict = {}
 
 
-def _ones(c: int, like: torch.Tensor) -> torch.Tensor:
-    """A cached ``(c,)`` tensor of ones of ``like``'s dtype and device (read-only: never modify it)."""
-    key = (c, like.dtype, like.device)
-    t = _ONES.get(key)
-    if t is None:
-        if len(_ONES) > 4096:
-            _ONES.clear()
-        t = _ONES[key] = torch.ones(c, dtype=like.dtype, device=like.device)
-    return t
-
-
-def _const(value: float, like: torch.Tensor) -> torch.Tensor:
-    """``value`` as a cached 0-d tensor of ``like``'s dtype and device (read-only: never modify it)."""
-    key = (value, like.dtype, like.device)
+def _const(value: float, like: torch.Tensor, shape: tuple[int, ...] = ()) -> torch.Tensor:
+    """``value`` as a cached tensor of ``shape`` (0-d by default) and ``like``'s dtype and device (read-only:
+    never modify it)."""
+    key = (value, shape, like.dtype, like.device)
     t = _CONSTS.get(key)
     if t is None:
         if len(_CONSTS) > 4096:
             _CONSTS.clear()
-        t = _CONSTS[key] = torch.tensor(value, dtype=like.dtype, device=like.device)
+        t = _CONSTS[key] = torch.full(shape, value, dtype=like.dtype, device=like.device)
     return t
+
+
+def _ones(c: int, like: torch.Tensor) -> torch.Tensor:
+    """A cached ``(c,)`` tensor of ones (the variance fed to the eval-mode kernel with ``gamma * invstd``)."""
+    return _const(1.0, like, (c,))
 
 
 #: Samples of at least this many elements (NCHW, maps of 8 or more) take their moments from two reductions.
