@@ -26,6 +26,7 @@ True
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -286,12 +287,25 @@ def _static_cfg(x: torch.Tensor, xs: torch.Tensor, xd: torch.Tensor, group: Grou
             _memory_format(xd) if sample_backward else None)
 
 
-def fused_plan(x: torch.Tensor, weight: torch.Tensor | None, group: Group, sample_backward: bool) -> tuple | None:
+class FusedPlan(NamedTuple):
+    """What :class:`_FusedSampledBatchNorm` works out from an input's shape and layout alone (:func:`fused_plan`)."""
+
+    view_shape: torch.Size  # the sample as a view of x: its shape and strides (its offset comes per step)
+    view_stride: tuple[int, ...]
+    x_stride: tuple[int, ...]  # the input's strides the plan was made for
+    copy_format: torch.memory_format | None  # the layout the sample is copied into (None: used as the view)
+    native_stats: bool  # moments and invstd from the training-mode batch-norm op on the copy
+    ones: torch.Tensor  # (C,) ones: the variance fed to the eval-mode op with gamma * invstd
+    static: tuple  # the backward's shape-only constants (_static_cfg)
+
+
+def fused_plan(x: torch.Tensor, weight: torch.Tensor | None, group: Group, sample_backward: bool
+               ) -> FusedPlan | None:
     """For a host-drawn view group on a dense ``x``: what :class:`_FusedSampledBatchNorm` works out from the
     shapes and layouts alone, to cache per input shape (the eager module does).  Inside a training step each
     tensor-metadata call costs ~10 us and each op 20-50 us (cold caches), so the cached path skips them: given
     the plan and the view's element offset, the forward takes the view, copies it, runs the two batch-norm ops.
-    ``None`` where the plan does not apply (index samples, strided inputs, the statistics' variance wanted)."""
+    ``None`` where the plan does not apply (index samples, strided inputs)."""
     if group.view is None or group.shift is None or not _dense(x) or group.count <= 1:
         return None
     xs = gather(x, group)
@@ -301,9 +315,10 @@ def fused_plan(x: torch.Tensor, weight: torch.Tensor | None, group: Group, sampl
         copy_fmt = torch.contiguous_format if shares else _memory_format(xd)
     else:
         copy_fmt = None if shares else _memory_format(xd)
-    native_stats = copy_fmt is not None and _native_stats(xs.clone(memory_format=copy_fmt))
-    return (xs.shape, xs.stride(), x.stride(), copy_fmt, native_stats, _ones(x.shape[1], x),
-            _static_cfg(x, xs, xd, group, sample_backward))
+    if copy_fmt is not None:  # the copy the op will make (its layout is what the backward reads)
+        xd = xs.clone(memory_format=copy_fmt)
+    return FusedPlan(xs.shape, xs.stride(), x.stride(), copy_fmt, copy_fmt is not None and _native_stats(xd),
+                     _ones(x.shape[1], x), _static_cfg(x, xs, xd, group, sample_backward))
 
 
 def _dense(t: torch.Tensor) -> bool:

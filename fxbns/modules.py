@@ -172,14 +172,14 @@ class SampledBatchNorm(_BatchNorm):
                 if plan is _UNPLANNED:
                     plan = self._plan(input, hit[3], group)
                     cache[input.shape] = hit = hit[:5] + (plan,)
-                if plan is not None and input.stride() == plan[2][2] and input.dtype == plan[0] and self.momentum is not None:
+                dtype, sb, fp = plan if plan is not None else (None, False, None)
+                if fp is not None and input.stride() == fp.x_stride and input.dtype == dtype and self.momentum is not None:
                     # the cached plan: the view's offset from the draw, the op straight away (its Python, and the
                     # checks train_forward and the op make, cost as much as a small layer's kernels in a step)
                     p, b = self._parameters, self._buffers
-                    goff = sum(i * st for i, st in zip(group.shift, plan[2][2]))
-                    y = _FusedSampledBatchNorm.apply(input, p["weight"], p["bias"], group, self.eps, plan[1],
-                                                     b["running_mean"], b["running_var"], self.momentum, None, plan[2],
-                                                     goff)
+                    goff = sum(i * st for i, st in zip(group.shift, fp.x_stride))
+                    y = _FusedSampledBatchNorm.apply(input, p["weight"], p["bias"], group, self.eps, sb,
+                                                     b["running_mean"], b["running_var"], self.momentum, None, fp, goff)
                     b["num_batches_tracked"].add_(1)
                     return y
                 return train_forward(input, input.shape[0], hit[3], self.weight, self.bias, self.running_mean,

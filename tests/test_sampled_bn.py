@@ -556,3 +556,32 @@ def test_moments_from_sums_against_float64(mu):
     assert ((var.double() - tv).abs() / tv).max() < 1e-5
     n = x.numel() // 16
     torch.testing.assert_close(rv.double(), 0.9 + 0.1 * tv * n / (n - 1), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("spec", [BatchSampling(ratio=0.25), BatchSampling(ratio=0.25, sample_backward=True),
+                                  FeatureSampling(area_ratio=1 / 16, layout="band", per_sample=True),
+                                  FeatureSampling(area_ratio=1 / 16, layout="band", per_sample=True,
+                                                  sample_backward=True),
+                                  FeatureSampling(patch=(3, 3)),
+                                  FeatureSampling(area_ratio=1 / 16, layout="grid", sample_backward=True)],
+                         ids=lambda s: s.describe())
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_cached_plan_equals_general_path(spec, channels_last):
+    """The eager layer's cached per-shape plan (``fused_plan``: view geometry, copy layout, statistics route)
+    gives bit-for-bit what the general path gives (``n_real`` passed: no cache), over 3 steps, output, input
+    gradient, weight gradient and running statistics, in NCHW and channels-last memory."""
+    torch.manual_seed(0)
+    bn = SampledBatchNorm.from_batchnorm(nn.BatchNorm2d(8), spec)
+    ref = copy.deepcopy(bn)
+    for _ in range(3):
+        x = torch.randn(8, 8, 16, 16) * 2 + 1
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = bn(xa), ref(xb, n_real=8)
+        g = torch.randn_like(ya)
+        ya.backward(g)
+        yb.backward(g)
+        assert torch.equal(ya, yb) and torch.equal(xa.grad, xb.grad)
+        assert torch.equal(bn.weight.grad, ref.weight.grad) and torch.equal(bn.running_var, ref.running_var)
+    assert type(next(iter(bn._exact_cache.values()))[5][2]).__name__ == "FusedPlan"  # the plan path ran
