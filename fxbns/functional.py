@@ -150,14 +150,17 @@ def _retake(t: torch.Tensor, geom, g: Group) -> torch.Tensor:
 class _FusedSampledBatchNorm(torch.autograd.Function):
     """One sample group in float32/float64: each step is one fused aten kernel.
 
-    forward:  ``batch_norm_update_stats`` on the sample (mean, biased var, and the running statistics
-              with the sample's n/(n-1)), then the eval-mode batch-norm kernel on the whole input;
+    forward:  the sample's mean and invstd, and the running statistics updated with the sample's n/(n-1)
+              (the training-mode batch-norm op on a copied sample, else ``batch_norm_update_stats``, see
+              ``_sample_stats``), then the eval-mode batch-norm kernel on the whole input fed
+              ``gamma * invstd``, variance 1 and eps 0;
     backward: the eval-mode batch-norm backward (``dx = gamma * invstd * dy`` and both full sums in one
               kernel), then the statistics' term on the sample, in place; or with ``sample_backward`` one
               scaled copy of ``dy`` and the training-mode kernel on the sample alone (both sums, and the
               sample's own gradient, from which the term follows: one ``lerp`` on the sample, in place).
     When the sample is a strided view (drawn on the host), nothing is gathered or scattered.  The backward
-    keeps ``x``, as native batch norm does, or with ``sample_backward`` only a copy of the sample.
+    keeps ``x``, as native batch norm does, or with ``sample_backward`` only a copy of the sample.  ``plan``
+    (:func:`fused_plan`) and ``goff`` (the view's element offset): the eager module's cached path.
     """
 
     @staticmethod
