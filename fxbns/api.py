@@ -249,7 +249,7 @@ def explain(model: nn.Module, policy: Any = "fs", example_inputs=None, *, leaf_m
     >>> import torch, fxbns
     >>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
     >>> fxbns.explain(m, "bs", torch.randn(2, 3, 8, 8)).rows[0]["estimator"]
-    'bs(ratio=0.125)'
+    'bs(ratio=0.125, exact below 262144)'
     """
     pol = resolve_policy(policy)
     traced, sites = _plan(model, pol, tuple(leaf_modules), concrete_args, example_inputs)

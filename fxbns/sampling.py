@@ -22,9 +22,13 @@ elements for the same ``(seed, step)``.
 
 >>> import torch
 >>> from fxbns.estimators import FeatureSampling
->>> g = build_groups(FeatureSampling(patch=(2, 2)), (8, 3, 6, 6), 8, 0, torch.tensor(0), seed=1)
->>> [tuple(gather(torch.randn(8, 3, 6, 6), x).shape) for x in g]
-[(8, 3, 2, 2)]
+>>> x = torch.randn(8, 3, 6, 6)
+>>> dev = build_groups(FeatureSampling(patch=(2, 2)), (8, 3, 6, 6), 8, 0, torch.tensor(0), seed=1)
+>>> host = build_groups(FeatureSampling(patch=(2, 2)), (8, 3, 6, 6), 8, 0, torch.tensor(0), seed=1, host_step=0)
+>>> tuple(gather(x, dev[0]).shape), tuple(gather(x, host[0]).shape)  # by index (positions flat), a view
+((8, 3, 4), (8, 3, 2, 2))
+>>> torch.equal(gather(x, dev[0]), gather(x, host[0]).flatten(2))
+True
 """
 
 from __future__ import annotations
