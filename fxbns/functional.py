@@ -213,10 +213,10 @@ class _FusedSampledBatchNorm(torch.autograd.Function):
         xx, weight, mean, invstd, gi = ctx.saved_tensors
         g, eps, sb, geom, (fmt, k, scale, bs, gshape, tiny_cl, xfmt) = ctx.cfg
         is_view = geom is not None
-        w = weight if weight is not None else torch.ones_like(mean)
         if not dy.is_contiguous(memory_format=fmt):
             dy = dy.contiguous(memory_format=fmt)
         if sb:
+            w = weight if weight is not None else torch.ones_like(mean)
             xs = xx  # the dense copy of the sample (NCHW or channels-last)
             # dy's sample in xs's layout: aten's batch-norm backward falls back to a slow loop when the two
             # differ (a band of runs of 16 or more is read fast enough alone: 34 us against 5 + 9 us for a copy
@@ -302,8 +302,7 @@ class FusedPlan(NamedTuple):
     static: tuple  # the backward's shape-only constants (_static_cfg)
 
 
-def fused_plan(x: torch.Tensor, weight: torch.Tensor | None, group: Group, sample_backward: bool
-               ) -> FusedPlan | None:
+def fused_plan(x: torch.Tensor, group: Group, sample_backward: bool) -> FusedPlan | None:
     """For a host-drawn view group on a dense ``x``: what :class:`_FusedSampledBatchNorm` works out from the
     shapes and layouts alone, to cache per input shape (the eager module does).  Inside a training step each
     tensor-metadata call costs ~10 us and each op 20-50 us (cold caches), so the cached path skips them: given

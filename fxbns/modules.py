@@ -199,14 +199,13 @@ class SampledBatchNorm(_BatchNorm):
         """(input dtype, sample_backward, :func:`~fxbns.functional.fused_plan`) for the cached eager path, or
         ``None`` where train_forward would not take the fused op (see there) or the plan does not apply."""
         p, b = self._parameters, self._buffers
-        w, rm, rv = p.get("weight"), b.get("running_mean"), b.get("running_var")
-        if not (self.track_running_stats and "weight" in p and "bias" in p and rm is not None and rv is not None
-                and b.get("num_batches_tracked") is not None and input.dtype in _FUSED_DTYPES
-                and (input.is_cpu or input.is_cuda) and (w is None or w.dtype == input.dtype)
-                and rm.dtype == input.dtype and rv.dtype == input.dtype and rm.device == input.device):
+        rm, rv = b.get("running_mean"), b.get("running_var")
+        if not (self.track_running_stats and "weight" in p and "bias" in p and b.get("num_batches_tracked") is not None
+                and _fused_kernels(input, p["weight"]) and _fused_running_stats(input, rm, rv)
+                and rm.device == input.device):
             return None
         sb = bool(getattr(spec, "sample_backward", False))
-        fp = fused_plan(input, w, group, sb)
+        fp = fused_plan(input, group, sb)
         return None if fp is None else (input.dtype, sb, fp)
 
     def __getstate__(self):
@@ -289,6 +288,20 @@ class FunctionalBatchNorm(nn.Module):
 _FUSED_DTYPES = (torch.float32, torch.float64)
 _UNPLANNED = object()  # a cache entry whose fused plan is not worked out yet
 
+
+def _fused_kernels(input: torch.Tensor, weight: torch.Tensor | None) -> bool:
+    """Whether the fused op (aten's batch-norm kernels) takes this input: float32/64 on the CPU or CUDA, the
+    weight (if any) in the same dtype."""
+    return (input.dtype in _FUSED_DTYPES and (input.is_cpu or input.is_cuda)
+            and (weight is None or weight.dtype == input.dtype))
+
+
+def _fused_running_stats(input: torch.Tensor, running_mean: torch.Tensor | None,
+                         running_var: torch.Tensor | None) -> bool:
+    """Whether the fused op can update these running statistics in place (present, in the input's dtype)."""
+    return (running_mean is not None and running_mean.dtype == input.dtype
+            and running_var is not None and running_var.dtype == input.dtype)
+
 #: Exact training statistics on maps of 2 to 4 elements with at least this many elements take the (N*H*W, C) form.
 TINY_MAP_MIN_NUMEL = 1 << 15
 
@@ -357,11 +370,9 @@ def train_forward(input, n_real, spec, weight, bias, running_mean, running_var, 
     if groups is None:
         groups = build_groups(spec, tuple(input.shape), n_real, N - n_real, counter, seed, host_step)
     sb = bool(getattr(spec, "sample_backward", False)) and len(groups) == 1
-    if (host_step is not None and len(groups) == 1 and input.dtype in _FUSED_DTYPES
-            and (input.is_cpu or input.is_cuda) and (weight is None or weight.dtype == input.dtype)):
-        fused = (momentum is not None and running_mean is not None and groups[0].count > 1
-                 and running_mean.dtype == input.dtype
-                 and running_var.dtype == input.dtype)
+    if host_step is not None and len(groups) == 1 and _fused_kernels(input, weight):
+        fused = (momentum is not None and groups[0].count > 1
+                 and _fused_running_stats(input, running_mean, running_var))
         if fused:  # the running statistics were updated by the op; only the counter is left
             y = fused_batch_norm(input, weight, bias, groups[0], eps, sb, running_mean, running_var, momentum)
             counter.add_(1)  # a buffer (no grad): no need for a no_grad block
