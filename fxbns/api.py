@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -211,7 +212,28 @@ def transform(model: nn.Module, policy: Any = "fs", *, example_inputs=None, inpl
             rewrite_graph(root, traced.eval_graph, sites, pol.micro, pol.seed, vstate, None, rewrite_all, res)
         out = DualGraphModule(root, traced.graph, traced.eval_graph, type(model).__name__)
     out._fxbns = TransformInfo(pol, _make_report(traced, sites, pol, vdesc), tuple(leaf_modules))
+    _warn_sample_backward(out)
     return out
+
+
+def _sample_backward(spec) -> bool:
+    # (a VDN spec's real sample is mixed with virtual rows in more than one group, where sample_backward is
+    # not used: see modules.train_forward)
+    return isinstance(spec, (BatchSampling, FeatureSampling)) and spec.sample_backward
+
+
+def _warn_sample_backward(model: nn.Module) -> None:
+    """Say so when a rewritten site estimates its backward's sums from the sample: on deep models that
+    inflates gradients, with fs enough to diverge (measured in ``examples/gradient_stability.py``)."""
+    n = sum(_sample_backward(getattr(m, "estimator", None)) for m in model.modules()
+            if isinstance(m, (SampledBatchNorm, FunctionalBatchNorm)))
+    if n:
+        warnings.warn(
+            f"sample_backward is on for {n} BatchNorm site(s): their backward's statistics' term lands on the "
+            f"sampled elements only, with sums estimated from a sample, which inflates gradients on deep models "
+            f"(resnet50 from random weights: 14x exact BatchNorm's gradient norm with bs, a NaN loss with fs; "
+            f"examples/gradient_stability.py). Check gradient norms before training with it, or turn it off "
+            f"(Policy.set_sample_backward(False), or drop --sample-backward).", UserWarning, stacklevel=3)
 
 
 def _attach_hooks(root: nn.Module, vb: VirtualBatch, input_name: str | None) -> None:

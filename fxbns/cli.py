@@ -20,6 +20,7 @@ import pickle
 import re
 import sys
 import time
+import warnings
 import zipfile
 
 __all__ = ["main"]
@@ -287,11 +288,18 @@ def _jsonable(o):
     return o
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"fxbns: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        return run(args)
+        with warnings.catch_warnings():
+            if not args.debug:  # one line, without the source location (--debug keeps Python's own format)
+                warnings.showwarning = _show_warning
+            return run(args)
     except CLIError as e:
         if args.debug:
             raise

@@ -17,8 +17,8 @@ import fxbns
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(*args, cwd=None):
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+def run(*args, cwd=None, warnings="ignore"):
+    env = dict(os.environ, PYTHONWARNINGS=warnings)
     return subprocess.run([sys.executable, str(ROOT / "tools" / "rewrite.py"), *map(str, args)],
                           capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
 
@@ -149,6 +149,14 @@ def test_sample_backward_flag(tmp_path):
     sampled = [s for s in sites if s["spec"] is not None]
     assert sampled and all(s["spec"]["sample_backward"] for s in sampled)
     assert all(s["spec"]["min_elements"] == 2 ** 18 for s in sampled)  # the preset's other settings kept
+    # rewriting with it warns, in one line, with where to read why (gradients inflate on deep models)
+    p = run("--policy", "bs", "--sample-backward", "--out", tmp_path / "ck.pt",
+            warnings="ignore,default:sample_backward")  # torch's own warnings stay silenced
+    assert p.returncode == 0, p.stderr
+    warned = [ln for ln in p.stderr.splitlines() if ln.startswith("fxbns: warning: sample_backward is on for")]
+    assert len(warned) == 1 and "gradient_stability" in warned[0]
+    assert "warning" not in run("--policy", "bs", "--out", tmp_path / "ck2.pt",
+                                warnings="ignore,default:sample_backward").stderr
     p = run("--policy", "vdn", "--sample-backward", "--explain")
     assert p.returncode == 2
     assert "--sample-backward" in _one_error_line(p) and "no BS or FS" in p.stderr

@@ -314,6 +314,22 @@ def test_presets_documented(name):
     assert Policy.from_preset(name).to_dict()["preset"] == name
 
 
+def test_sample_backward_warns_at_transform():
+    """sample_backward inflates gradients on deep models (examples/gradient_stability.py): transform says so, once,
+    naming how many sites use it; the presets as shipped (sample_backward off) stay silent."""
+    import warnings
+    m = torchvision.models.resnet18(num_classes=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails here
+        fxbns.transform(m, "fs")
+        fxbns.transform(m, Policy.from_preset("bs").set_sample_backward(False))
+    with pytest.warns(UserWarning, match=r"sample_backward is on for 20 BatchNorm site\(s\).*gradient_stability") as rec:
+        fxbns.transform(m, Policy.from_preset("fs").set_sample_backward())
+    assert len([w for w in rec if "sample_backward" in str(w.message)]) == 1
+    with pytest.warns(UserWarning, match="on for 1 BatchNorm site"):
+        fxbns.transform(m, Policy.from_preset("fs").set_module_name("bn1", BatchSampling(sample_backward=True)))
+
+
 def test_code_shows_estimators_and_report_table():
     gm = fxbns.transform(torchvision.models.resnet18(num_classes=4),
                          Policy.from_preset("fs").set_module_name("bn1", BatchSampling()))

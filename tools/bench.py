@@ -24,10 +24,13 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# the benchmark times sample_backward on purpose; transform's warning about its gradients is for users training
+warnings.filterwarnings("ignore", message="sample_backward is on")
 
 TUNED = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736",
          "MALLOC_TOP_PAD_": "1073741824"}
