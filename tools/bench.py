@@ -3,6 +3,7 @@
 
     python tools/bench.py layer   # nn.BatchNorm2d vs each estimator, per BN shape (fwd+bwd and fwd-only)
     python tools/bench.py train   # per-step training time, original vs transformed model
+    python tools/bench.py train --presets fs --min-elements 524288 --baseline fs   # two policies head to head
     python tools/bench.py onnx    # onnxruntime latency, folded vs unfolded export
     python tools/bench.py transform  # how long fxbns.transform takes per model
     python tools/bench.py kernels    # the primitives of a BN layer on one shape (where the time goes)
@@ -262,16 +263,20 @@ def bench_train(args) -> dict:
 
     device = torch.device(args.device)
     names = args.models.split(",")
-    # "aa": the native model against a copy of itself (the A/A control: the noise floor of a ratio)
-    policies = {p: None if p == "aa" else Policy.from_preset(p.split("_")[0].split("+")[0])
-                for p in args.presets.split(",")}
-    for p, pol in policies.items():
-        if pol is None:
-            continue
+    def preset_policy(p: str, min_elements: int | None):
+        pol = Policy.from_preset(p.split("_")[0].split("+")[0])
         if p.removesuffix("+tune").endswith("_sb"):
             pol.set_sample_backward()
-        if args.min_elements is not None:
-            pol.set_min_elements(args.min_elements)
+        if min_elements is not None:
+            pol.set_min_elements(min_elements)
+        return pol
+
+    # "aa": the A side against a copy of itself (the A/A control: the noise floor of a ratio)
+    policies = {p: None if p == "aa" else preset_policy(p, args.min_elements) for p in args.presets.split(",")}
+    # the A side: native, or with --baseline the model transformed by that preset (two policies head to head)
+    if args.baseline and ("+tune" in args.baseline or args.baseline == "aa"):
+        raise SystemExit("bench.py train: --baseline takes a preset (bs, fs, bs_sb, fs_sb, ...), not aa or +tune")
+    base_pol = preset_policy(args.baseline, args.baseline_min_elements) if args.baseline else None
     rows = []
     for name in names:
         arch, batch, size = TRAIN_MODELS[name]
@@ -287,7 +292,8 @@ def bench_train(args) -> dict:
         tune_cache: dict = {}
         for mode in args.modes.split(","):
             for pname, pol in policies.items():
-                orig = copy.deepcopy(base)
+                orig = copy.deepcopy(base) if base_pol is None else fxbns.transform(copy.deepcopy(base), base_pol,
+                                                                                    example_inputs=x[:2])
                 tuned = None
                 if pname.endswith("+tune"):  # per-layer choice timed in this model's steps (fxbns.tune)
                     if pname not in tune_cache:  # once per model: tune times eager steps, whatever the mode
@@ -297,7 +303,7 @@ def bench_train(args) -> dict:
                         tune_cache[pname] = ({"seconds": round(time.perf_counter() - t0, 1), "timed": len(res.rows),
                                               "set_exact": res.exact}, res.policy)
                     tuned, pol = tune_cache[pname]
-                gm = copy.deepcopy(base) if pol is None else fxbns.transform(copy.deepcopy(base), pol,
+                gm = copy.deepcopy(orig) if pol is None else fxbns.transform(copy.deepcopy(base), pol,
                                                                                 example_inputs=x[:2])
                 ma, mb = (orig, gm) if mode == "eager" else (torch.compile(orig), torch.compile(gm))
                 oa = torch.optim.SGD(orig.parameters(), lr=1e-3, momentum=0.9)
@@ -320,6 +326,8 @@ def bench_train(args) -> dict:
                 layer_x = args.layer_speedup
                 bound = 1 / (1 - share * (1 - 1 / layer_x)) if layer_x else None
                 row = {"model": name, "batch": batch, "size": size, "mode": mode, "preset": pname,
+                       "baseline": "native" if base_pol is None else
+                       {"preset": args.baseline, "min_elements": base_pol.default.min_elements},
                        "min_elements": pol.default.min_elements if pol is not None else None,
                        "exact_at_size": _exact_at_size(gm, batch, mode == "eager" and device.type == "cpu")
                        if pol is not None else None,
@@ -329,7 +337,8 @@ def bench_train(args) -> dict:
                 rows.append(row)
                 b = f"{bound:.3f}" if bound else "-"
                 mr = f"{mem['mem_ratio']:.3f}x" if mem else "-"
-                print(f"{name:16s} {batch}x3x{size}x{size} {mode:7s} {pname:7s} native {r['a_ms']:8.1f} ms  fxbns "
+                side_a = "native" if base_pol is None else args.baseline
+                print(f"{name:16s} {batch}x3x{size}x{size} {mode:7s} {pname:7s} {side_a} {r['a_ms']:8.1f} ms  fxbns "
                       f"{r['b_ms']:8.1f} ms  {r['speedup']:.3f}x [{r['spread'][0]:.2f}-{r['spread'][1]:.2f}]  "
                       f"BN share {100 * share:4.1f}%  bound {b}  peak mem {mr}  exact BNs {row['exact_at_size']}", flush=True)
     return {"mode": "train", "rows": rows}
@@ -516,6 +525,11 @@ def main() -> int:
                     help="train: override the presets' min_elements (layers smaller than this keep exact "
                          "statistics; 0 samples every layer)")
     ap.add_argument("--no-memory", action="store_true", help="train: skip the peak-memory subprocess runs")
+    ap.add_argument("--baseline", help="train: time the presets against the model transformed by this preset "
+                    "(e.g. fs), not against native: two policies head to head ('aa' is then that model against a "
+                    "copy of itself)")
+    ap.add_argument("--baseline-min-elements", type=int, default=None,
+                    help="train: the baseline preset's min_elements (default: the preset's own)")
     args = ap.parse_args()
     _ensure_allocator(args.allocator)
     import torch
