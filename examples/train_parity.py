@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Training parity on real data: exact BatchNorm vs the bs, fs (band; patch and grid too) and vdn presets.
 
-Every BatchNorm is sampled (``min_elements=0``; the presets would keep layers under 2**18 elements exact).
+Every BatchNorm is sampled (``min_elements=0``; the presets would keep layers under 2**18 (bs) or 2**19 (fs) elements exact).
 
 A small ResNet and a MobileNet-style net on scikit-learn's bundled handwritten digits (upsampled to
 32x32), the same schedule for all, several seeds.  Writes examples/results/train_parity.{json,png}.

@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="write the per-layer report as JSON here")
     p.add_argument("--explain", action="store_true", help="dry run: print the plan, write nothing but --report")
     p.add_argument("--min-elements", type=int, help="layers smaller than this (N*C*max(H*W,16)) keep exact "
-                   "statistics; 0 samples every layer (the bs and fs presets use 262144)")
+                   "statistics; 0 samples every layer (the bs preset uses 262144, fs 524288)")
     p.add_argument("--sample-backward", action="store_true", help="estimate the backward's gradient sums from the "
                    "sample too, on every BS and FS layer of the policy (faster training, less memory; it inflates gradients "
                    "on deep models, diverging with fs on resnet50: see the README)")

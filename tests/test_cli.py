@@ -148,7 +148,7 @@ def test_sample_backward_flag(tmp_path):
     sites = json.loads((tmp_path / "r.json").read_text())["sites"]
     sampled = [s for s in sites if s["spec"] is not None]
     assert sampled and all(s["spec"]["sample_backward"] for s in sampled)
-    assert all(s["spec"]["min_elements"] == 2 ** 18 for s in sampled)  # the preset's other settings kept
+    assert all(s["spec"]["min_elements"] == 2 ** 19 for s in sampled)  # the preset's other settings kept
     # rewriting with it warns, in one line, with where to read why (gradients inflate on deep models)
     p = run("--policy", "bs", "--sample-backward", "--out", tmp_path / "ck.pt",
             warnings="ignore,default:sample_backward")  # torch's own warnings stay silenced

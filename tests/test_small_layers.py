@@ -45,14 +45,15 @@ def test_min_elements_round_trips_and_shows_in_describe():
 
 
 def test_presets_and_set_min_elements():
-    assert Policy.from_preset("fs").default.min_elements == 2 ** 18
+    assert Policy.from_preset("fs").default.min_elements == 2 ** 19
+    assert Policy.from_preset("micro").default.min_elements == 2 ** 19
     assert Policy.from_preset("bs").default.min_elements == 2 ** 18
     assert Policy.from_preset("vdn").default.real.min_elements == 0  # not applied inside VDN
     pol = (Policy.from_preset("fs").set_module_name("a", BatchSampling())
            .set_module_name_regex("b.*", VirtualDataset()).set_min_elements(0))
     assert pol.default.min_elements == 0 and pol.names["a"].min_elements == 0
     assert isinstance(pol.name_regexes[0][1], VirtualDataset)
-    assert Policy.from_dict(Policy.from_preset("fs").to_dict()).default.min_elements == 2 ** 18
+    assert Policy.from_dict(Policy.from_preset("fs").to_dict()).default.min_elements == 2 ** 19
     with pytest.raises(ValueError, match="min_elements must be an integer >= 0"):
         Policy().set_min_elements(-5)
 
@@ -221,9 +222,9 @@ def test_report_says_which_batches_stay_exact():
     m = torchvision.models.mobilenet_v2(num_classes=10)
     gm = fxbns.transform(m, "fs", example_inputs=torch.randn(2, 3, 64, 64))
     rows = {r["name"]: r for r in fxbns.report(gm)}
-    # features.14.conv.3 sees N x 160 x 2x2: exact below batch ceil(2**18 / (160 * 16)) = 103
-    assert rows["features.14.conv.3"]["exact_below_batch"] == 103
-    assert "exact below batch 103" in rows["features.14.conv.3"]["reason"]
+    # features.14.conv.3 sees N x 160 x 2x2: exact below batch ceil(2**19 / (160 * 16)) = 205
+    assert rows["features.14.conv.3"]["exact_below_batch"] == 205
+    assert "exact below batch 205" in rows["features.14.conv.3"]["reason"]
     assert "keep exact statistics at small batches" in str(fxbns.report(gm))
     rows0 = fxbns.report(fxbns.transform(m, Policy.from_preset("fs").set_min_elements(0),
                                          example_inputs=torch.randn(2, 3, 64, 64)))
