@@ -56,8 +56,9 @@ def layer_size(shape: tuple[int, ...]) -> int:
     elements (measured on a 2-core CPU: 30-50 ns per plane for 2x2 to 4x4 maps, against 5 ns for 1x1
     maps, which it handles like a plain (N, C) reduction), so those count as 16.  The ``bs`` preset
     uses ``2**18``, the crossover measured with ``python tools/bench.py layer --shapes mobilenet_v2`` and
-    ``--shapes resnet18``; ``fs`` (and ``micro``) ``2**19``, from whole training steps (see ``fxbns.policy``).  It applies where the spec is the site's estimator, not as the real part of
-    a :class:`VirtualDataset`.
+    ``--shapes resnet18``; ``fs`` (and ``micro``) ``2**19``, from whole training steps (see
+    ``fxbns.policy``).  It applies where the spec is the site's estimator, not as the real part of a
+    :class:`VirtualDataset`.
     """
     planes = shape[0] * (shape[1] if len(shape) > 1 else 1)
     m = math.prod(shape[2:])

@@ -124,7 +124,8 @@ class Policy:
         """Set ``min_elements`` on every BS and FS spec of the policy (default, conv pairs, types, names).
 
         Layers smaller than ``n`` (``fxbns.estimators.layer_size``) then keep exact statistics; ``0`` samples
-        every layer.  The ``bs`` preset uses ``2**18``, ``fs`` and ``micro`` ``2**19``.  Specs set later are not changed.
+        every layer.  The ``bs`` preset uses ``2**18``, ``fs`` and ``micro`` ``2**19``.  Specs set later are not
+        changed.
         """
         _check_min_elements("Policy", n)
         return self._replace_sampling(min_elements=n)
