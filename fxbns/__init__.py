@@ -8,8 +8,8 @@ from ._version import __version__
 from .api import TransformInfo, explain, load, report, revert, save, transform
 from .estimators import BatchSampling, Exact, FeatureSampling, MicroBatch, VirtualDataset
 from .export import ExportResult, export_onnx
-from .functional import sampled_batch_norm
 from .modules import SampledBatchNorm
+from .ops import sampled_batch_norm
 from .passes.fold import FoldResult, fold
 from .policy import PRESETS, Policy
 from .report import Report

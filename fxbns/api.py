@@ -22,7 +22,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._version import __version__
 from .estimators import BatchSampling, Exact, FeatureSampling, VirtualDataset
-from .modules import TINY_MAP_MIN_NUMEL, FunctionalBatchNorm, SampledBatchNorm, tiny_map
+from .modules import FunctionalBatchNorm, SampledBatchNorm, tiny_map
+from .ops.dispatch import speed_rule
 from .passes.match import Site, find_sites
 from .passes.rewrite import rewrite_graph, swap_modules
 from .passes.virtual import VIRTUAL_NAME, VirtualBatch, inject_graph, strip_virtual
@@ -136,10 +137,10 @@ def _rows(sites: list[Site], virtual: bool) -> list[dict[str, Any]]:
         below = (s.spec.exact_below_batch(tuple(s.shape))
                  if isinstance(s.spec, (BatchSampling, FeatureSampling)) and s.shape is not None else None)
         if below is not None and below > 1:
-            notes.append(f"exact below batch {below} (min_elements {s.spec.min_elements})")
-        if (isinstance(s.spec, (BatchSampling, FeatureSampling)) and s.spec.min_elements > 0 and s.shape is not None
+            notes.append(f"exact below batch {below} (min_elements {s.spec.min_elements or 'of the device'})")
+        if (isinstance(s.spec, (BatchSampling, FeatureSampling)) and s.spec.min_elements != 0 and s.shape is not None
                 and tiny_map(s.shape)):
-            notes.append(f"eager CPU training: exact from {TINY_MAP_MIN_NUMEL} elements "
+            notes.append(f"eager CPU training: exact from {speed_rule('cpu').tiny_map_min_numel} elements "
                          f"(maps of 2-4 elements: faster than sampling there)")
         if isinstance(fs, FeatureSampling) and s.shape is not None and len(s.shape) == 2:
             notes.append(f"(N, C) input has no feature map: FS falls back to {fs_fallback(fs).describe()}")

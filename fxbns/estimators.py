@@ -38,35 +38,37 @@ def _check_bool(spec: str, name: str, value: Any) -> None:
 
 
 def _check_min_elements(spec: str, value: Any) -> None:
-    _check(isinstance(value, int) and not isinstance(value, bool) and value >= 0, spec, "min_elements",
-           "an integer >= 0 (0: sample every layer)", value)
+    _check(value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0), spec,
+           "min_elements", "None (the device's speed rule) or an integer >= 0 (0: sample every layer)", value)
 
 
-#: Maps of 2 to this many elements count as this many in ``min_elements`` (see :func:`layer_size`).
-MAP_FLOOR = 16
+def layer_size(shape: tuple[int, ...], device_type: str = "cpu") -> int:
+    """The size ``min_elements`` is compared with, for an input of ``shape`` (real rows only) on a device type:
+    ``N * C * max(map size, floor)``, a map of one element (1x1, or an (N, C) input) counting as 1, where
+    ``floor`` is the device's :class:`~fxbns.ops.dispatch.SpeedRule` ``map_floor`` (16 on the CPU, whose
+    batch-norm kernels cost per (sample, channel) plane on small maps; 1 elsewhere).
 
-
-def layer_size(shape: tuple[int, ...]) -> int:
-    """The size ``min_elements`` is compared with, for an input of ``shape`` (real rows only):
-    ``N * C * max(map size, 16)``, where a map of one element (1x1, or an (N, C) input) counts as 1.
-
-    A layer below a spec's ``min_elements`` computes exact statistics with the native kernels: on small
+    A layer below its spec's ``min_elements`` computes exact statistics with the native kernels: on small
     layers the sampled op's fixed cost (a few small kernels and Python) exceeds what its smaller reductions
-    save.  Native batch norm's own cost has a floor per (sample, channel) plane on maps of 2 to 15
-    elements (measured on a 2-core CPU: 30-50 ns per plane for 2x2 to 4x4 maps, against 5 ns for 1x1
-    maps, which it handles like a plain (N, C) reduction), so those count as 16.  The ``bs`` preset
-    uses ``2**18``, the crossover measured with ``python tools/bench.py layer --shapes mobilenet_v2`` and
-    ``--shapes resnet18``; ``fs`` (and ``micro``) ``2**19``, from whole training steps (see
-    ``fxbns.policy``).  It applies where the spec is the site's estimator, not as the real part of a
-    :class:`VirtualDataset`.
+    save.  ``min_elements=None`` (the presets) takes the threshold from the device's speed rule
+    (:data:`fxbns.ops.dispatch.SPEED_RULES`); an integer applies on every device.
     """
-    planes = shape[0] * (shape[1] if len(shape) > 1 else 1)
-    m = math.prod(shape[2:])
-    return planes * (m if m == 1 else max(m, MAP_FLOOR))
+    from .ops.dispatch import speed_rule
+
+    return speed_rule(device_type).layer_size(shape)
 
 
-def _below(spec: Any, shape: tuple[int, ...]) -> bool:
-    return spec.min_elements > 0 and layer_size(shape) < spec.min_elements
+def _threshold(spec: Any, device_type: str) -> int:
+    if spec.min_elements is not None:
+        return spec.min_elements
+    from .ops.dispatch import speed_rule
+
+    return speed_rule(device_type).min_elements(spec.kind)
+
+
+def _below(spec: Any, shape: tuple[int, ...], device_type: str = "cpu") -> bool:
+    t = _threshold(spec, device_type)
+    return t > 0 and layer_size(shape, device_type) < t
 
 
 @dataclass(frozen=True)
@@ -87,16 +89,17 @@ class BatchSampling:
     draw); ``draw="random"`` takes random distinct rows.  ``sample_backward=True`` also estimates the
     backward sums (d-gamma, d-beta and the statistics' gradient terms) from the sample (eager and
     ``torch.compile``).
-    ``min_elements``: below this :func:`layer_size` the layer computes exact statistics (0: always sample);
-    when it is set (> 0), an eager CPU layer on maps of 2 to 4 elements with at least 2**15 elements is exact
-    as well, with a faster kernel form than sampling there (``fxbns.modules.exact_in_eager``).
+    ``min_elements``: below this :func:`layer_size` the layer computes exact statistics (0: always sample;
+    ``None``: the threshold of the device the layer runs on, from :data:`fxbns.ops.dispatch.SPEED_RULES`, as the
+    presets use).  Independently of it, a sample of fewer than
+    :data:`fxbns.ops.dispatch.MIN_VALUES_PER_CHANNEL` values per channel keeps the layer exact on every device.
     """
 
     ratio: float = 0.125
     min_samples: int = 2
     sample_backward: bool = False
     draw: str = "block"
-    min_elements: int = 0
+    min_elements: int | None = 0
     kind = "bs"
 
     def __post_init__(self) -> None:
@@ -108,17 +111,23 @@ class BatchSampling:
         _check(self.draw in ("block", "random"), "BatchSampling", "draw", "'block' or 'random'", self.draw)
         _check_min_elements("BatchSampling", self.min_elements)
 
-    def exact_at(self, shape: tuple[int, ...]) -> bool:
-        """Whether an input of ``shape`` (real rows) is below ``min_elements`` and gets exact statistics."""
-        return _below(self, shape)
+    def exact_at(self, shape: tuple[int, ...], device_type: str = "cpu") -> bool:
+        """Whether an input of ``shape`` (real rows) on ``device_type`` is below ``min_elements`` (the speed
+        rule) and gets exact statistics."""
+        return _below(self, shape, device_type)
 
-    def exact_below_batch(self, shape: tuple[int, ...]) -> int:
-        """The smallest batch at which an input shaped like ``shape`` (any batch) is sampled; 0 when
-        ``min_elements`` is 0.  Batches under it get exact statistics."""
-        if not self.min_elements:
+    def exact_below_batch(self, shape: tuple[int, ...], device_type: str = "cpu") -> int:
+        """The smallest batch at which an input shaped like ``shape`` (any batch) passes the speed rule on
+        ``device_type``; 0 when there is no threshold.  Batches under it get exact statistics."""
+        t = _threshold(self, device_type)
+        if not t:
             return 0
-        per_row = layer_size((1, *shape[1:]))
-        return -(-self.min_elements // per_row)
+        per_row = layer_size((1, *shape[1:]), device_type)
+        return -(-t // per_row)
+
+    def values_per_channel(self, shape: tuple[int, ...]) -> int:
+        """How many values per channel the sample of an input of ``shape`` (real rows) holds."""
+        return self.sample_count(shape[0]) * math.prod(shape[2:])
 
     def sample_count(self, n: int) -> int:
         """Rows used out of a batch of ``n``."""
@@ -142,9 +151,10 @@ class FeatureSampling:
     the layout that is cheapest to read.  ``per_sample=True``: every sample has its own random offset
     (for ``band``: the batch's bands are spread evenly from the top of the map to the bottom, at a random
     shift).  Neither given: ``area_ratio=1/16``.  ``sample_backward``: as for :class:`BatchSampling`.
-    ``min_elements``: below this :func:`layer_size` the layer computes exact statistics (0: always sample);
-    when it is set (> 0), an eager CPU layer on maps of 2 to 4 elements with at least 2**15 elements is exact
-    as well, with a faster kernel form than sampling there (``fxbns.modules.exact_in_eager``).
+    ``min_elements``: below this :func:`layer_size` the layer computes exact statistics (0: always sample;
+    ``None``: the threshold of the device the layer runs on, from :data:`fxbns.ops.dispatch.SPEED_RULES`, as the
+    presets use).  Independently of it, a sample of fewer than
+    :data:`fxbns.ops.dispatch.MIN_VALUES_PER_CHANNEL` values per channel keeps the layer exact on every device.
     """
 
     patch: tuple[int, ...] | None = None
@@ -152,7 +162,7 @@ class FeatureSampling:
     layout: str = "patch"
     per_sample: bool = False
     sample_backward: bool = False
-    min_elements: int = 0
+    min_elements: int | None = 0
     kind = "fs"
 
     def __post_init__(self) -> None:
@@ -176,6 +186,17 @@ class FeatureSampling:
 
     exact_at = BatchSampling.exact_at
     exact_below_batch = BatchSampling.exact_below_batch
+
+    def values_per_channel(self, shape: tuple[int, ...]) -> int:
+        """How many values per channel the sample of an input of ``shape`` (real rows) holds (an (N, C) input,
+        which has no map, falls back to batch sampling: ``fxbns.sampling.fs_fallback``)."""
+        spatial = tuple(shape[2:])
+        if not spatial:
+            ratio = self.area_ratio if self.area_ratio is not None else 0.125
+            return BatchSampling(ratio=ratio).sample_count(shape[0])
+        if self.layout == "band":
+            return shape[0] * min(math.prod(spatial), self.band_length(spatial))
+        return shape[0] * math.prod(self.points(spatial))
 
     def points(self, spatial: tuple[int, ...]) -> tuple[int, ...]:
         """Points taken along each spatial dim of a map of size ``spatial`` (clamped to the map)."""
@@ -207,6 +228,8 @@ class FeatureSampling:
 
 
 def _min_desc(spec: Any) -> str:
+    if spec.min_elements is None:
+        return ", device speed rule"
     return f", exact below {spec.min_elements}" if spec.min_elements else ""
 
 

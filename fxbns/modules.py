@@ -22,13 +22,10 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .estimators import BatchSampling, Exact, FeatureSampling, MicroBatch
-from .functional import (
-    _FusedSampledBatchNorm,
-    fused_batch_norm,
-    fused_plan,
-    lerp_running_stats,
-    sampled_batch_norm,
-)
+from .ops import sampled_batch_norm
+from .ops.cpu import _FusedSampledBatchNorm, fused_plan
+from .ops import dispatch
+from .ops.dispatch import choose_path, speed_rule
 from .sampling import build_groups, host_draw
 
 __all__ = ["SampledBatchNorm", "site_seed"]
@@ -37,6 +34,35 @@ __all__ = ["SampledBatchNorm", "site_seed"]
 def site_seed(name: str, seed: int = 0) -> int:
     """A per-layer seed derived from the layer's qualified name and a global seed."""
     return (zlib.crc32(name.encode()) + 7919 * int(seed)) % 2147483647
+
+
+def rank_seed(seed: int) -> int:
+    """``seed`` made different on every ``torch.distributed`` rank (the same on a single process), so ranks draw
+    different samples.  Host-side (no tensor is read)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return (seed + 1000003 * dist.get_rank()) % 2147483647
+    return seed
+
+
+def _in_backward() -> bool:
+    """Whether this forward runs inside an autograd backward pass: an activation-checkpointing recompute
+    (``torch.utils.checkpoint``, reentrant or not, re-runs the forward there)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def _host_draws_ok(x: torch.Tensor, module: nn.Module) -> bool:
+    """Whether this eager call may draw its sample on the host (offsets as Python ints baked into views).
+    Not under CUDA-graph capture (a replay would reuse the captured offsets forever) and not in an
+    ``nn.DataParallel`` replica (replicas are rebuilt from the original every step, so a host counter never
+    advances): there the sample is drawn on the device from the step counter."""
+    if getattr(module, "_is_replica", False):
+        return False
+    return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _one_value_error(shape) -> ValueError:
+    return ValueError(f"Expected more than 1 value per channel when training, got input size {torch.Size(shape)}")
 
 
 class VirtualState:
@@ -60,16 +86,20 @@ class SampledBatchNorm(_BatchNorm):
         self._vstate: VirtualState | None = None
         self.register_buffer("_fxbns_step", torch.zeros((), dtype=torch.long, device=device), persistent=False)
         self._host_step = 0  # the step counter as a Python int (eager mode draws its samples on the host)
-        self._exact_cache: dict = {}  # input shape -> (estimator, micro, exact statistics at that shape)
+        self._exact_cache: dict = {}  # (input shape, estimator, micro) -> what this module does at that shape
+        self.last_runs: str | None = None  # "sampled" or "exact": what the latest training forward did
 
     def _next_host_step(self) -> int | None:
         """The step counter for this training forward as a Python int, advanced; ``None`` under
-        ``torch.compile``, where samples are drawn from the device counter instead.  Compiled steps do not
-        advance this host copy, so eager steps after compiled ones continue the eager sequence (valid samples,
-        a different sequence) until a state dict is loaded, which re-reads the device counter."""
+        ``torch.compile``, where samples are drawn from the device counter instead.  An activation-checkpointing
+        recompute gets the step of the forward it repeats, without advancing.  Compiled steps do not advance
+        this host copy, so eager steps after compiled ones continue the eager sequence (valid samples, a
+        different sequence) until a state dict is loaded, which re-reads the device counter."""
         if torch.compiler.is_compiling():
             return None
         s = self._host_step
+        if _in_backward():
+            return max(s - 1, 0)
         self.__dict__["_host_step"] = s + 1  # a plain attribute: skip nn.Module.__setattr__'s checks
         return s
 
@@ -148,12 +178,14 @@ class SampledBatchNorm(_BatchNorm):
     def forward(self, input: torch.Tensor, n_real: int | None = None) -> torch.Tensor:
         if not self.training:
             return super().forward(input)
-        if n_real is None and self._vstate is None and not torch.compiler.is_compiling():
-            # eager, every row real: whether this shape gets exact statistics is decided once per shape (and
-            # estimator), since most of a deep model's small layers take this path and its Python is per call
-            # (the same for the sample's geometry: host_draw works out everything that depends on the shape once)
+        if (n_real is None and self._vstate is None and not torch.compiler.is_compiling()
+                and _host_draws_ok(input, self)):
+            # eager, every row real: what this shape gets (exact, or the sample's geometry drawn on the host) is
+            # worked out once per shape and estimator, since most of a deep model's small layers take this path and
+            # its Python is per call
             cache = self.__dict__.setdefault("_exact_cache", {})  # (modules pickled by older versions lack it)
-            hit = cache.get(input.shape)
+            key = (input.shape, id(self.estimator), id(self.micro))
+            hit = cache.get(key)
             if hit is None or hit[0] is not self.estimator or hit[1] is not self.micro:
                 self._check_input_dim(input)
                 spec = self.active_estimator(input.shape[0])
@@ -161,48 +193,56 @@ class SampledBatchNorm(_BatchNorm):
                 draw = host_draw(spec, tuple(input.shape)) if not exact and isinstance(
                     spec, (BatchSampling, FeatureSampling)) else None
                 hit = (self.estimator, self.micro, exact, spec, draw, _UNPLANNED)
-                cache[input.shape] = hit
+                cache[key] = hit
             if hit[2]:
                 return self._exact_forward(input)
             if hit[4] is not None:
-                s = self._host_step
-                self.__dict__["_host_step"] = s + 1  # (_next_host_step without its is_compiling check, done above)
-                group = hit[4](s, self.seed)
+                s = self._next_host_step()
+                group = hit[4](s, rank_seed(self.seed))
                 plan = hit[5]
                 if plan is _UNPLANNED:
                     plan = self._plan(input, hit[3], group)
-                    cache[input.shape] = hit = hit[:5] + (plan,)
+                    cache[key] = hit = hit[:5] + (plan,)
+                self.__dict__["last_runs"] = "sampled"
+                recompute = _in_backward()
                 dtype, sb, fp = plan if plan is not None else (None, False, None)
-                if fp is not None and input.stride() == fp.x_stride and input.dtype == dtype and self.momentum is not None:
-                    # the cached plan: the view's offset from the draw, the op straight away (its Python, and the
-                    # checks train_forward and the op make, cost as much as a small layer's kernels in a step)
+                if (fp is not None and not recompute and input.stride() == fp.x_stride and input.dtype == dtype
+                        and self.momentum is not None):
+                    # the cached plan (CPU): the view's offset from the draw, the op straight away (its Python, and
+                    # the checks the general route makes, cost as much as a small layer's kernels in a step)
                     p, b = self._parameters, self._buffers
                     goff = sum(i * st for i, st in zip(group.shift, fp.x_stride))
                     y = _FusedSampledBatchNorm.apply(input, p["weight"], p["bias"], group, self.eps, sb,
                                                      b["running_mean"], b["running_var"], self.momentum, None, fp, goff)
                     b["num_batches_tracked"].add_(1)
                     return y
-                return train_forward(input, input.shape[0], hit[3], self.weight, self.bias, self.running_mean,
-                                     self.running_var, self.num_batches_tracked if self.track_running_stats else None,
-                                     self._fxbns_step, self.momentum, self.eps, self.seed, s, [group])
+                track = self.track_running_stats and not recompute
+                return train_forward(input, input.shape[0], hit[3], self.weight, self.bias,
+                                     self.running_mean if track else None, self.running_var if track else None,
+                                     self.num_batches_tracked if track else None, self._fxbns_step,
+                                     self.momentum, self.eps, self.seed, s, [group], count=not recompute)
         self._check_input_dim(input)
         n_real, spec = self._resolve(input, n_real)
-        if _exact_here(spec, input.shape, n_real):
+        if _exact_here(spec, input.shape, n_real, input.device.type):
             if n_real == input.shape[0]:
                 return self._exact_forward(input)
             spec = Exact()
-        return train_forward(input, n_real, spec, self.weight, self.bias, self.running_mean, self.running_var,
-                             self.num_batches_tracked if self.track_running_stats else None, self._fxbns_step,
-                             self.momentum, self.eps, self.seed, self._next_host_step())
+        self.__dict__["last_runs"] = "sampled" if not isinstance(spec, Exact) else "exact"
+        host = self._next_host_step() if _host_draws_ok(input, self) else None
+        recompute = not torch.compiler.is_compiling() and _in_backward()
+        track = self.track_running_stats and not recompute
+        return train_forward(input, n_real, spec, self.weight, self.bias, self.running_mean if track else None,
+                             self.running_var if track else None, self.num_batches_tracked if track else None,
+                             self._fxbns_step, self.momentum, self.eps, self.seed, host, count=not recompute)
 
     def _plan(self, input: torch.Tensor, spec, group):
-        """(input dtype, sample_backward, :func:`~fxbns.functional.fused_plan`) for the cached eager path, or
-        ``None`` where train_forward would not take the fused op (see there) or the plan does not apply."""
+        """(input dtype, sample_backward, :func:`~fxbns.ops.cpu.fused_plan`) for the cached eager CPU path, or
+        ``None`` where the dispatch would not take the CPU path (see there) or the plan does not apply."""
         p, b = self._parameters, self._buffers
-        rm, rv = b.get("running_mean"), b.get("running_var")
+        rm = b.get("running_mean")
         if not (self.track_running_stats and "weight" in p and "bias" in p and b.get("num_batches_tracked") is not None
-                and _fused_kernels(input, p["weight"]) and _fused_running_stats(input, rm, rv)
-                and rm.device == input.device):
+                and rm is not None and rm.device == input.device
+                and choose_path(input, p["weight"], 1, rm) == "cpu"):
             return None
         sb = bool(getattr(spec, "sample_backward", False))
         fp = fused_plan(input, group, sb)
@@ -225,10 +265,17 @@ class SampledBatchNorm(_BatchNorm):
         in step with the device counter.  In eager mode it calls the batch-norm op directly, without
         nn.BatchNorm's per-call checks; ``momentum=None`` (a cumulative average), a parametrized weight (e.g.
         ``torch.nn.utils.parametrize``, which is not in ``_parameters``) and ``torch.compile`` go through
-        nn.BatchNorm's own forward."""
+        nn.BatchNorm's own forward.  A checkpointing recompute normalises with the batch's statistics again
+        without updating the running statistics a second time."""
+        if math.prod(input.shape) // input.shape[1] <= 1:
+            raise _one_value_error(input.shape)
+        self.__dict__["last_runs"] = "exact"
         track = self.track_running_stats
         b, p = self._buffers, self._parameters
-        if (self._next_host_step() is None or self.momentum is None or "weight" not in p or "bias" not in p
+        compiling = self._next_host_step() is None
+        if not compiling and _in_backward():
+            return F.batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        if (compiling or self.momentum is None or "weight" not in p or "bias" not in p
                 or "running_mean" not in b or "running_var" not in b):
             if not track:
                 self._fxbns_step.add_(1)
@@ -262,6 +309,7 @@ class FunctionalBatchNorm(nn.Module):
         self._vstate: VirtualState | None = None
         self.register_buffer("_fxbns_step", torch.zeros((), dtype=torch.long), persistent=False)
         self._host_step = 0
+        self.last_runs: str | None = None
 
     def extra_repr(self) -> str:
         return f"estimator={self.estimator.describe()}"
@@ -274,50 +322,41 @@ class FunctionalBatchNorm(nn.Module):
         if not self.training:  # the original call in eval: running statistics (batch statistics if there are none)
             return F.batch_norm(input, running_mean, running_var, weight, bias, running_mean is None, self.momentum,
                                 self.eps)
+        if self._fxbns_step.device != input.device:  # the model moved after the transform (a one-time move)
+            self._fxbns_step = self._fxbns_step.to(input.device)
         n_real, spec = self._resolve(input, n_real)
-        if _exact_here(spec, input.shape, n_real):
+        recompute = not torch.compiler.is_compiling() and _in_backward()
+        if recompute:
+            running_mean = running_var = None
+        if _exact_here(spec, input.shape, n_real, input.device.type):
             if n_real == input.shape[0]:
+                self.__dict__["last_runs"] = "exact"
                 self._next_host_step()
-                self._fxbns_step.add_(1)
+                if not recompute:
+                    self._fxbns_step.add_(1)
                 return F.batch_norm(input, running_mean, running_var, weight, bias, True, self.momentum, self.eps)
             spec = Exact()
+        self.__dict__["last_runs"] = "sampled" if not isinstance(spec, Exact) else "exact"
+        host = self._next_host_step() if _host_draws_ok(input, self) else None
         return train_forward(input, n_real, spec, weight, bias, running_mean, running_var, None, self._fxbns_step,
-                             self.momentum, self.eps, self.seed, self._next_host_step())
+                             self.momentum, self.eps, self.seed, host, count=not recompute)
 
 
-_FUSED_DTYPES = (torch.float32, torch.float64)
 _UNPLANNED = object()  # a cache entry whose fused plan is not worked out yet
 
 
-def _fused_kernels(input: torch.Tensor, weight: torch.Tensor | None) -> bool:
-    """Whether the fused op (aten's batch-norm kernels) takes this input: float32/64 on the CPU or CUDA, the
-    weight (if any) in the same dtype."""
-    return (input.dtype in _FUSED_DTYPES and (input.is_cpu or input.is_cuda)
-            and (weight is None or weight.dtype == input.dtype))
-
-
-def _fused_running_stats(input: torch.Tensor, running_mean: torch.Tensor | None,
-                         running_var: torch.Tensor | None) -> bool:
-    """Whether the fused op can update these running statistics in place (present, in the input's dtype)."""
-    return (running_mean is not None and running_mean.dtype == input.dtype
-            and running_var is not None and running_var.dtype == input.dtype)
-
-#: Exact training statistics on maps of 2 to 4 elements with at least this many elements take the (N*H*W, C) form.
-TINY_MAP_MIN_NUMEL = 1 << 15
-
-
 def _tiny_map_rows(x: torch.Tensor) -> bool:
-    """Whether exact batch norm on ``x`` is faster as an ``(N*H*W, C)`` matrix (CPU, eager, dense NCHW).
+    """Whether exact batch norm on ``x`` is faster as an ``(N*H*W, C)`` matrix (eager, dense NCHW, on a device
+    whose speed rule says so: the CPU).
 
     aten's CPU batch-norm kernels have a cost per (sample, channel) plane, large next to a plane of 2 to 4
-    elements; an (M, C) input is one strided plane per channel.  Measured here (2-core CPU, forward and
+    elements; an (M, C) input is one strided plane per channel.  Measured on a 2-core CPU (forward and
     backward, training, the transposing copies included): 16x2048x2x2 1.43 -> 0.50 ms, 32x960x2x2 1.31 ->
     0.53 ms, 16x512x2x2 0.42 -> 0.32 ms; even at 16x256x2x2 (2**14 elements), slower below that and on
     3x3 and 4x4 maps (16x576x3x3 0.34 -> 0.38 ms, 16x1024x4x4 0.66 -> 1.12 ms).  The same arithmetic in
-    another summation order (results within float rounding of nn.BatchNorm's).  Not used on other devices
-    (not measured there).
+    another summation order (results within float rounding of nn.BatchNorm's).
     """
-    return _tiny_map_shape(x.shape, x.is_cpu) and x.is_contiguous()
+    return _tiny_map_shape(x.shape, x.device.type) and x.is_contiguous()
 
 
 def tiny_map(shape: tuple[int, ...]) -> bool:
@@ -325,67 +364,73 @@ def tiny_map(shape: tuple[int, ...]) -> bool:
     return len(shape) >= 3 and 2 <= math.prod(shape[2:]) <= 4
 
 
-def _tiny_map_shape(shape: tuple[int, ...], is_cpu: bool) -> bool:
+def _tiny_map_shape(shape: tuple[int, ...], device_type: str) -> bool:
     """:func:`_tiny_map_rows` for a dense NCHW input of ``shape``."""
-    return is_cpu and math.prod(shape) >= TINY_MAP_MIN_NUMEL and tiny_map(shape)
+    rule = speed_rule(device_type)
+    return rule.tiny_map_rows and math.prod(shape) >= rule.tiny_map_min_numel and tiny_map(shape)
 
 
-def _exact_here(spec, shape: torch.Size, n_real: int) -> bool:
-    """Exact statistics for this call: an ``Exact`` spec, or a BS/FS spec whose ``min_elements`` exceeds the
-    layer's size (shape ints, known on the host in eager mode and static under compile: no sync)."""
-    if isinstance(spec, Exact):
+def exact_reason(spec, shape: tuple[int, ...], device_type: str = "cpu") -> str | None:
+    """Why a training call with estimator ``spec`` on an input of ``shape`` (real rows) on ``device_type`` keeps
+    exact statistics, or ``None`` when it samples.  Shape ints only: known on the host, static under compile."""
+    if spec is None or isinstance(spec, Exact):
+        return "exact estimator"
+    if not isinstance(spec, (BatchSampling, FeatureSampling)):
+        return None
+    if math.prod(shape) // shape[1] <= 1:
+        return "one value per channel"
+    if spec.exact_at(tuple(shape), device_type):
+        return f"below the {'device speed rule' if spec.min_elements is None else 'min_elements'} size"
+    k = dispatch.MIN_VALUES_PER_CHANNEL  # read per call: tests of the op's arithmetic on tiny samples lower it
+    if spec.values_per_channel(tuple(shape)) < k:
+        return f"sample under {k} values per channel"
+    return None
+
+
+def _exact_here(spec, shape: torch.Size, n_real: int, device_type: str = "cpu") -> bool:
+    """Exact statistics for this call (:func:`exact_reason` on the real rows)."""
+    return exact_reason(spec, (n_real, *shape[1:]), device_type) is not None
+
+
+def exact_in_eager(spec, x: torch.Tensor | tuple[int, ...], device_type: str = "cpu") -> bool:
+    """Exact statistics for an eager training call on ``x`` (every row real): :func:`exact_reason`, or, when the
+    spec follows a speed rule (``min_elements`` not 0), a map of 2 to 4 elements that :func:`_tiny_map_rows`
+    normalises exactly in less time than the sampled op takes on that device (in a resnet50 step at 16x3x64x64 on
+    the CPU: 16x2048x2x2 0.58-0.70 ms exact against 1.05-1.25 ms with ``fs``, per-layer times from ``fxbns.tune``).
+    ``torch.compile`` keeps the sampled op there (its own kernels).  ``x`` may be a shape (a dense NCHW input on
+    ``device_type``)."""
+    if isinstance(x, torch.Tensor):
+        shape, device_type = tuple(x.shape), x.device.type
+    else:
+        shape = tuple(x)
+    if exact_reason(spec, shape, device_type) is not None:
         return True
-    # one value per channel: native BN raises there, the sampled op does not (batch 1 on a 1x1 map)
-    return (isinstance(spec, (BatchSampling, FeatureSampling)) and spec.exact_at((n_real, *shape[1:]))
-            and n_real * math.prod(shape[2:]) > 1)
-
-
-def exact_in_eager(spec, x: torch.Tensor | tuple[int, ...], is_cpu: bool = True) -> bool:
-    """Exact statistics for an eager training call on ``x`` (every row real): below the spec's
-    ``min_elements`` (:func:`_exact_here`), or, when the spec has a ``min_elements`` (> 0), a map of 2 to 4
-    elements that :func:`_tiny_map_rows` normalises exactly in less time than the sampled op takes (in a
-    resnet50 step at 16x3x64x64: 16x2048x2x2 0.58-0.70 ms exact against 1.05-1.25 ms with ``fs``; mobilenet_v2
-    at 32x3x64x64: 32x960x2x2 0.43-0.48 ms against 0.63-0.70 ms with ``bs`` and ``sample_backward``: per-layer
-    times from ``fxbns.tune``).  ``torch.compile`` keeps the sampled op there (its own kernels).
-    ``x`` may be a shape (a dense NCHW input on the CPU if ``is_cpu``)."""
-    shape = tuple(x.shape) if isinstance(x, torch.Tensor) else tuple(x)
-    if _exact_here(spec, shape, shape[0]):
-        return True
-    if not (isinstance(spec, (BatchSampling, FeatureSampling)) and spec.min_elements > 0):
+    if not (isinstance(spec, (BatchSampling, FeatureSampling)) and spec.min_elements != 0):
         return False
-    return _tiny_map_rows(x) if isinstance(x, torch.Tensor) else _tiny_map_shape(shape, is_cpu)
+    return _tiny_map_rows(x) if isinstance(x, torch.Tensor) else _tiny_map_shape(shape, device_type)
 
 
 def train_forward(input, n_real, spec, weight, bias, running_mean, running_var, num_batches_tracked, step,
-                  momentum, eps, seed, host_step=None, groups=None):
-    """One training forward with sampled statistics, updating the running statistics in place.
+                  momentum, eps, seed, host_step=None, groups=None, count: bool = True):
+    """One training forward with sampled statistics, updating the running statistics in place (when given).
 
-    ``host_step`` (the step counter as a Python int, eager mode) lets samples be drawn as strided views
-    and selects the fused kernels (:func:`fused_batch_norm`); under ``torch.compile`` it is ``None`` and
-    the op is written in plain tensor arithmetic that the compiler fuses itself.  ``groups``: the sample, when
-    the caller has drawn it (:func:`~fxbns.sampling.host_draw`); else drawn here.
+    ``host_step`` (the step counter as a Python int, eager mode) lets samples be drawn as strided views; under
+    ``torch.compile``, CUDA-graph capture and in DataParallel replicas it is ``None`` and the sample is drawn on
+    the device from the counter.  ``groups``: the sample, when the caller has drawn it
+    (:func:`~fxbns.sampling.host_draw`); else drawn here.  ``count``: advance the step counter (not in a
+    checkpointing recompute).  The op itself is chosen by :func:`fxbns.ops.dispatch.choose_path`.
     """
     N = input.shape[0]
     counter = num_batches_tracked if num_batches_tracked is not None else step
     if groups is None:
-        groups = build_groups(spec, tuple(input.shape), n_real, N - n_real, counter, seed, host_step)
+        groups = build_groups(spec, tuple(input.shape), n_real, N - n_real, counter, rank_seed(seed), host_step)
     sb = bool(getattr(spec, "sample_backward", False)) and len(groups) == 1
-    if host_step is not None and len(groups) == 1 and _fused_kernels(input, weight):
-        fused = (momentum is not None and groups[0].count > 1
-                 and _fused_running_stats(input, running_mean, running_var))
-        if fused:  # the running statistics were updated by the op; only the counter is left
-            y = fused_batch_norm(input, weight, bias, groups[0], eps, sb, running_mean, running_var, momentum)
-            counter.add_(1)  # a buffer (no grad): no need for a no_grad block
-            return y
-        stats = []
-        y = fused_batch_norm(input, weight, bias, groups[0], eps, sb, None, None, 0.0, stats)
-        mean, var = stats
-    else:
-        y, mean, var = sampled_batch_norm(input, weight, bias, groups, eps, sb)
-    with torch.no_grad():
+    factor = momentum
+    if running_mean is not None and momentum is None:  # cumulative moving average, as nn.BatchNorm
         counter.add_(1)
-        if running_mean is not None:
-            # momentum=None: cumulative moving average, as nn.BatchNorm
-            f = 1.0 / num_batches_tracked.to(running_mean.dtype) if momentum is None else momentum
-            lerp_running_stats(running_mean, running_var, mean, var, sum(g.count for g in groups), f)
+        factor = 1.0 / num_batches_tracked.to(running_mean.dtype)
+        count = False
+    y = sampled_batch_norm(input, weight, bias, groups, eps, sb, running_mean, running_var, factor)
+    if count:
+        counter.add_(1)  # a buffer (no grad)
     return y

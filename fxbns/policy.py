@@ -37,14 +37,9 @@ from .estimators import (
 
 __all__ = ["Policy", "PRESETS", "resolve_policy"]
 
-#: Layers below this size (``fxbns.estimators.layer_size``) keep exact statistics in the bs preset.
-PRESET_MIN_ELEMENTS = 2 ** 18
-#: The same for the fs and micro presets: an FS sample of a 2**18-element layer is a run of 1-4 elements per
-#: image on its small maps, and timed head to head (``python tools/bench.py train --presets fs --min-elements
-#: 524288 --baseline fs``) fs was 0-2.5% faster per step with these layers exact on all five benchmark models.
-FS_PRESET_MIN_ELEMENTS = 2 ** 19
 _FS_SAMPLE = FeatureSampling(area_ratio=1 / 16, layout="band", per_sample=True)
-_FS_DEFAULT = dataclasses.replace(_FS_SAMPLE, min_elements=FS_PRESET_MIN_ELEMENTS)
+# the presets leave the size threshold to the device's speed rule (fxbns.ops.dispatch.SPEED_RULES)
+_FS_DEFAULT = dataclasses.replace(_FS_SAMPLE, min_elements=None)
 
 #: Preset name -> (description, factory).  The numbers are the ones documented in the README.
 PRESETS: dict[str, tuple[str, Callable[[], Policy]]] = {}
@@ -123,23 +118,19 @@ class Policy:
     def set_min_elements(self, n: int) -> Policy:
         """Set ``min_elements`` on every BS and FS spec of the policy (default, conv pairs, types, names).
 
-        Layers smaller than ``n`` (``fxbns.estimators.layer_size``) then keep exact statistics; ``0`` samples
-        every layer.  The ``bs`` preset uses ``2**18``, ``fs`` and ``micro`` ``2**19``.  Specs set later are not
-        changed.
+        Layers smaller than ``n`` (``fxbns.estimators.layer_size``) then keep exact statistics on every device;
+        ``0`` samples every layer the statistical rule allows; ``None`` (the presets) uses the threshold of the
+        device the layer runs on (``fxbns.ops.dispatch.SPEED_RULES``).  Specs set later are not changed.
         """
         _check_min_elements("Policy", n)
         return self._replace_sampling(min_elements=n)
 
     def set_sample_backward(self, on: bool = True) -> Policy:
         """Set ``sample_backward`` on every BS and FS spec of the policy (default, conv pairs, types, names):
-        the backward's two gradient sums (d-gamma, d-beta and the statistics' terms) are then estimated from the
-        sample too (faster, and the backward keeps only the sample; see :class:`~fxbns.BatchSampling`).  Specs
-        set later are not changed.
-
-        It inflates gradients on deep models: the statistics' term lands on the sampled elements only, scaled by
-        the inverse ratio, and the next layer's sums are estimated from those.  From random weights resnet50's
-        first-step gradient norm is 14x exact BN's with ``bs`` and 4e13x with ``fs``, whose loss turns NaN
-        (``examples/gradient_stability.py``): check gradient norms before training with it."""
+        the backward's two gradient sums are then estimated from the sample and fed to BatchNorm's own backward
+        formula on every element (the backward reads dy and x once instead of twice; see
+        :mod:`fxbns.ops.reference`).  Specs set later are not changed.  Gradient norms and their agreement with
+        exact BatchNorm's: ``examples/gradient_stability.py``."""
         if not isinstance(on, bool):
             raise TypeError(f"set_sample_backward: on must be True or False, got {on!r}")
         return self._replace_sampling(sample_backward=on)
@@ -325,13 +316,13 @@ def _exact() -> Policy:
 
 
 @_preset("bs", "Batch Sampling: statistics from 1/8 of the batch (at least 2 samples), a contiguous block; "
-                "layers under 2**18 elements exact")
+                "layers under the device's size threshold exact (CPU: 2**18 elements)")
 def _bs() -> Policy:
-    return Policy(BatchSampling(ratio=0.125, min_samples=2, min_elements=PRESET_MIN_ELEMENTS))
+    return Policy(BatchSampling(ratio=0.125, min_samples=2, min_elements=None))
 
 
 @_preset("fs", "Feature Sampling: 1/16 of every feature map as a band, spread over the batch from top to bottom; "
-                "layers under 2**19 elements exact")
+                "layers under the device's size threshold exact (CPU: 2**19 elements)")
 def _fs() -> Policy:
     return Policy(_FS_DEFAULT)
 

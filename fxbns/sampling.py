@@ -166,6 +166,30 @@ def scatter_add_(dx: torch.Tensor, g: Group, values: torch.Tensor) -> None:
         v.scatter_add_(2, g.pos.unsqueeze(1).expand(-1, v.shape[1], -1), values)
 
 
+def put_(dx: torch.Tensor, g: Group, values: torch.Tensor) -> None:
+    """``dx[sample of g] = values`` in place; ``values`` laid out as :func:`gather` returns them."""
+    values = values.to(dx.dtype)
+    if g.view is not None:
+        g.view(dx).copy_(values)
+        return
+    b = _block(dx, g)
+    if g.rows is not None:
+        b.index_copy_(0, g.rows, values)
+        return
+    if g.pos is None:
+        b.copy_(values)
+        return
+    v, cl = _flat(b)
+    if cl:
+        values = values.transpose(1, 2)
+    if g.pos.ndim == 1:
+        v.index_copy_(1 if cl else 2, g.pos, values)
+    elif cl:
+        v.scatter_(1, g.pos.unsqueeze(2).expand(-1, -1, v.shape[2]), values)
+    else:
+        v.scatter_(2, g.pos.unsqueeze(1).expand(-1, v.shape[1], -1), values)
+
+
 def sample_mask(shape: tuple[int, ...], g: Group, device: torch.device) -> torch.Tensor:
     """Which elements group ``g`` takes from a tensor of ``shape``, as a boolean mask of shape
     ``(N, 1, *spatial)`` (the same for every channel).  Device arithmetic only, for the compiled path: there a

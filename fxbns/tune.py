@@ -160,7 +160,7 @@ def _sites(gm: nn.Module, names: set[str], shapes: dict[str, tuple[int, ...]], d
         shape = shapes.get(name)
         spec = m.active_estimator(shape[0]) if shape else None
         if isinstance(spec, (BatchSampling, FeatureSampling)) and not exact_in_eager(
-                spec, shape, device.type == "cpu"):
+                spec, shape, device.type):
             out[name] = m
     return out
 

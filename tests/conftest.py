@@ -21,3 +21,13 @@ def every_layer(preset: str):
     from fxbns import Policy
 
     return Policy.from_preset(preset).set_min_elements(0)
+
+
+@pytest.fixture
+def tiny_samples(monkeypatch):
+    """The statistical rule lowered to 2 values per channel (``fxbns.ops.dispatch.MIN_VALUES_PER_CHANNEL``), for
+    tests of the sampled arithmetic on inputs small enough to check exhaustively; the rule itself is tested in
+    tests/test_ops.py."""
+    from fxbns.ops import dispatch
+
+    monkeypatch.setattr(dispatch, "MIN_VALUES_PER_CHANNEL", 2)

@@ -10,11 +10,20 @@ from hypothesis import strategies as st
 from torch import nn
 
 from fxbns import BatchSampling, Exact, FeatureSampling, MicroBatch, SampledBatchNorm, VirtualDataset
-from fxbns.functional import fused_batch_norm, sampled_batch_norm
 from fxbns.modules import train_forward
+from fxbns.ops import sampled_batch_norm as _op
+from fxbns.ops.cpu import fused_batch_norm
+from fxbns.ops.reference import sample_moments
 from fxbns.sampling import Group, band_plan, build_groups, gather, random_ints, random_ints_host, sample_mask
 
 BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+pytestmark = pytest.mark.usefixtures("tiny_samples")  # the arithmetic on small samples (rule: test_ops.py)
+
+
+def sampled_batch_norm(x, w, b, groups, eps, sb=False):
+    """The reference op, with the sample's (mean, biased var) beside its output."""
+    mean, var = sample_moments(x.detach(), groups)
+    return _op(x, w, b, groups, eps, sb, path="reference"), mean, var
 
 
 @st.composite
@@ -300,9 +309,10 @@ def test_micro_batch_one_trains_without_nan():
     y[:1].sum().backward()
     assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
     assert torch.isfinite(sbn.running_var).all()
-    # a 1x1 map at batch 1 with BS: one element per channel, still finite
+    # a 1x1 map at batch 1 with BS: one value per channel, nothing to estimate from: raises as nn.BatchNorm does
     sbn2 = SampledBatchNorm.from_batchnorm(nn.BatchNorm2d(3), BatchSampling())
-    assert torch.isfinite(sbn2(torch.randn(1, 3, 1, 1))).all()
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        sbn2(torch.randn(1, 3, 1, 1))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -517,7 +527,7 @@ def test_large_sample_moments_from_sums_equal_batchnorm(shape, dtype):
     """Samples of >= 2**18 elements take their moments from two reductions (``_update_stats``):
     still BatchNorm's forward, gradients and running statistics with the full sample, also on data
     whose mean is large against its spread."""
-    from fxbns.functional import SUMS_MIN_NUMEL
+    from fxbns.ops.cpu import SUMS_MIN_NUMEL
 
     assert math.prod(shape) >= SUMS_MIN_NUMEL
     # float32: the mean of 2**14-2**16 values near 20 is within float32 rounding of the float64 mean either way
@@ -544,7 +554,7 @@ def test_large_sample_moments_from_sums_equal_batchnorm(shape, dtype):
 def test_moments_from_sums_against_float64(mu):
     """``_update_stats``'s reduction path (large NCHW samples) keeps the variance to float32 precision
     even when the mean is large against the spread (no E[x^2] - E[x]^2 cancellation)."""
-    from fxbns.functional import SUMS_MIN_NUMEL, _update_stats
+    from fxbns.ops.cpu import SUMS_MIN_NUMEL, _update_stats
 
     x = torch.randn(16, 16, 32, 32) + mu
     assert x.numel() >= SUMS_MIN_NUMEL

@@ -13,6 +13,7 @@ from torch import nn
 import fxbns
 from fxbns import BatchSampling, FeatureSampling, Policy, SampledBatchNorm, VirtualDataset
 from fxbns.estimators import layer_size, spec_from_dict, spec_to_dict
+from fxbns.ops.dispatch import speed_rule
 from fxbns.passes.rewrite import add_into
 
 BIG = 10 ** 9  # a min_elements no test layer reaches
@@ -32,7 +33,7 @@ def test_layer_size_counts_tiny_maps_as_16():
 @pytest.mark.parametrize("cls", [BatchSampling, FeatureSampling])
 @pytest.mark.parametrize("bad", [-1, 2.5, True, "big"])
 def test_min_elements_validated(cls, bad):
-    with pytest.raises(ValueError, match=rf"{cls.__name__}\.min_elements must be an integer >= 0"):
+    with pytest.raises(ValueError, match=rf"{cls.__name__}\.min_elements must be None .* or an integer >= 0"):
         cls(min_elements=bad)
 
 
@@ -45,16 +46,22 @@ def test_min_elements_round_trips_and_shows_in_describe():
 
 
 def test_presets_and_set_min_elements():
-    assert Policy.from_preset("fs").default.min_elements == 2 ** 19
-    assert Policy.from_preset("micro").default.min_elements == 2 ** 19
-    assert Policy.from_preset("bs").default.min_elements == 2 ** 18
+    # the presets leave the threshold to the device's speed rule: CPU values as measured, CUDA a stated default
+    for name, kind in (("fs", "fs"), ("micro", "fs"), ("bs", "bs")):
+        spec = Policy.from_preset(name).default
+        assert spec.min_elements is None
+        assert spec.exact_at((1, 8, 8, 8), "cpu") and not spec.exact_at((64, 256, 56, 56), "cpu")
+        assert speed_rule("cpu").min_elements(kind) == (2 ** 18 if kind == "bs" else 2 ** 19)
+        assert speed_rule("cuda").min_elements(kind) != speed_rule("cpu").min_elements(kind)
+    # map floor: CPU counts 2x2 maps as 16 elements, CUDA as 4
+    assert speed_rule("cpu").layer_size((8, 8, 2, 2)) == 8 * 8 * 16 and speed_rule("cuda").layer_size((8, 8, 2, 2)) == 256
     assert Policy.from_preset("vdn").default.real.min_elements == 0  # not applied inside VDN
     pol = (Policy.from_preset("fs").set_module_name("a", BatchSampling())
            .set_module_name_regex("b.*", VirtualDataset()).set_min_elements(0))
     assert pol.default.min_elements == 0 and pol.names["a"].min_elements == 0
     assert isinstance(pol.name_regexes[0][1], VirtualDataset)
-    assert Policy.from_dict(Policy.from_preset("fs").to_dict()).default.min_elements == 2 ** 19
-    with pytest.raises(ValueError, match="min_elements must be an integer >= 0"):
+    assert Policy.from_dict(Policy.from_preset("fs").to_dict()).default == Policy.from_preset("fs").default
+    with pytest.raises(ValueError, match="min_elements must be None .* or an integer >= 0"):
         Policy().set_min_elements(-5)
 
 
@@ -62,7 +69,7 @@ def test_set_sample_backward():
     pol = (Policy.from_preset("bs").set_module_name("a", FeatureSampling()).set_module_name("c", None)
            .set_module_name_regex("b.*", VirtualDataset()).set_sample_backward())
     assert pol.default.sample_backward and pol.names["a"].sample_backward
-    assert pol.default.min_elements == 2 ** 18 and pol.default.ratio == 0.125  # the rest of the spec kept
+    assert pol.default.min_elements is None and pol.default.ratio == 0.125  # the rest of the spec kept
     assert pol.names["c"] is None and isinstance(pol.name_regexes[0][1], VirtualDataset)
     assert not pol.set_sample_backward(False).default.sample_backward
     assert Policy.from_dict(Policy.from_preset("fs").set_sample_backward().to_dict()).default.sample_backward
@@ -168,15 +175,15 @@ def test_threshold_is_decided_per_call_from_the_runtime_shape():
     torch.testing.assert_close(twin(big), sbn(big), rtol=0, atol=0)
 
 
-def test_one_value_per_channel_is_not_sent_to_batchnorm():
-    """nn.BatchNorm raises on one value per channel in training; a small layer then stays sampled."""
+def test_one_value_per_channel_raises_as_batchnorm():
+    """One value per channel in training: nothing to estimate from; raises as nn.BatchNorm does."""
     spec = BatchSampling(min_elements=BIG)
     _, sbn = _bn_pair(6, spec)
     x = torch.randn(1, 6, 1, 1)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         nn.BatchNorm2d(6)(x)
-    y = sbn(x)
-    assert torch.isfinite(y).all() and torch.isfinite(sbn.running_var).all()
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        sbn(x)
     z = torch.randn(2, 6, 1, 1)
     bn2 = copy.deepcopy(sbn).to_batchnorm()
     assert torch.equal(copy.deepcopy(sbn)(z), bn2(z))  # two values per channel: exact again

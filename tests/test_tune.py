@@ -20,7 +20,7 @@ def _net():
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 10))
 
 
-def test_tune_times_every_sampled_site_and_sets_the_slower_ones_exact():
+def test_tune_times_every_sampled_site_and_sets_the_slower_ones_exact(tiny_samples):
     model = _net()
     x = torch.randn(4, 3, 8, 8)
     before = {k: v.clone() for k, v in model.state_dict().items()}

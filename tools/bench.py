@@ -243,14 +243,17 @@ def _bn_share(model, x, y) -> float:
     return bn / total if total else float("nan")
 
 
-def _exact_at_size(gm, batch: int, eager_cpu: bool) -> int:
+def _exact_at_size(gm, batch: int, device_type: str, eager: bool = True) -> int:
     """Sampled-estimator sites that take exact statistics at this batch: below ``min_elements``, and in eager
     CPU training also the maps of 2-4 elements (``modules.exact_in_eager``)."""
     import fxbns
-    from fxbns.modules import exact_in_eager
+    from fxbns.modules import exact_in_eager, exact_reason
+
+    def exact(spec, shape) -> bool:
+        return exact_in_eager(spec, shape, device_type) if eager else exact_reason(spec, shape, device_type) is not None
 
     return sum(1 for r in fxbns.report(gm) if r["spec"] is not None and r["shape"] is not None
-               and exact_in_eager(r["spec"], (batch, *r["shape"][1:]), eager_cpu))
+               and exact(r["spec"], (batch, *r["shape"][1:])))
 
 
 def bench_train(args) -> dict:
@@ -329,7 +332,7 @@ def bench_train(args) -> dict:
                        "baseline": "native" if base_pol is None else
                        {"preset": args.baseline, "min_elements": base_pol.default.min_elements},
                        "min_elements": pol.default.min_elements if pol is not None else None,
-                       "exact_at_size": _exact_at_size(gm, batch, mode == "eager" and device.type == "cpu")
+                       "exact_at_size": _exact_at_size(gm, batch, device.type, mode == "eager")
                        if pol is not None else None,
                        "native_ms": r["a_ms"], "fxbns_ms": r["b_ms"], "speedup": r["speedup"], "spread": r["spread"],
                        "bn_share": share, "bound_at_layer_speedup": [layer_x, bound], **mem,
@@ -443,7 +446,7 @@ def bench_kernels(args) -> dict:
     import torch.nn.functional as F
 
     from fxbns import BatchSampling, FeatureSampling
-    from fxbns.functional import _update_stats
+    from fxbns.ops.cpu import _update_stats
     from fxbns.sampling import build_groups, gather, scatter_add_
 
     shape = tuple(int(v) for v in args.shape.split("x"))

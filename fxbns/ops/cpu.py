@@ -1,135 +1,26 @@
-"""The sampled-statistics batch norm: forward and hand-written backward.
+"""Eager CPU path: the sampled batch norm on aten's fused CPU batch-norm kernels.
 
-Math (per channel; ``S`` the sample, pooled from groups ``k`` with weights ``w_k`` and counts ``n_k``):
+Used on the CPU only (:func:`fxbns.ops.dispatch.choose_path`), for fp32/fp64 inputs with weight and running
+statistics in the input's dtype, where it measured faster than the reference in whole training steps
+(``python tools/bench.py train``; docs/benchmarks.md).  Every aten call here is valid on the CPU:
 
-    mean = sum_k w_k mean_k(x_S)            var = sum_k w_k mean_k((x_S - mean)^2)
-    y = gamma * (x - mean) * invstd + beta,  invstd = (var + eps)^-1/2        (all elements)
-
-    dx_i   = gamma * invstd * dy_i                                             (all elements)
-           - gamma * invstd * (w_k / n_k) * (sum(dy) + xhat_i * sum(dy * xhat))   (i in group k only)
-    dgamma = sum(dy * xhat),   dbeta = sum(dy)
-
-The normalisation is one pass (the eval-mode batch-norm kernel, fed the sampled statistics); the
-backward's full sums come from the eval-mode batch-norm backward kernel, which also writes
-``gamma * invstd * dy``.  With ``sample_backward`` the two sums are estimated from the sample (scaled
-to the full extent) and the backward is a single scaled copy of ``dy``.  Only sampled elements get
-the statistics' term, as a small in-place scatter.
-
->>> import torch
->>> from fxbns.sampling import Group
->>> x = torch.randn(4, 3, 5, 5, requires_grad=True)
->>> y, mean, var = sampled_batch_norm(x, None, None, [Group(0, 4, 1.0, 100)], 1e-5, False)
->>> torch.allclose(y, torch.nn.functional.batch_norm(x, None, None, training=True), atol=1e-5)
-True
+- ``native_batch_norm_backward`` with ``train=False`` and no ``save_mean``/``save_invstd``: the CPU kernel
+  (``batch_norm_backward_cpu_template`` in ``aten/src/ATen/native/Normalization.cpp``) then takes the mean and
+  variance from its ``running_mean``/``running_var`` arguments.  (CUDA's asserts ``save_mean->defined()`` outside
+  its fused NCHW branch: this file never runs there.)
+- ``native_batch_norm_backward`` with ``train=True`` gets the sample's ``save_mean``/``save_invstd``.
+- ``native_batch_norm`` in eval mode fed ``(scale, shift, mean, variance 1, eps 0)`` computes
+  ``scale * (x - mean) + shift``: the affine map the forward and the sampled backward need, in one vectorised pass.
 """
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
-from .sampling import Group, gather, sample_mask, scatter_add_
-
-
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _cshape(t: torch.Tensor, ndim: int) -> torch.Tensor:
-    """Reshape a per-channel vector to broadcast against an (N, C, ...) tensor."""
-    return t.reshape([1, -1] + [1] * (ndim - 2))
-
-
-def _rdims(ndim: int) -> list[int]:
-    return [0] + list(range(2, ndim))
-
-
-def sample_moments(x: torch.Tensor, groups: list[Group]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """Pooled (mean, biased var) per channel in float32 (float64 for float64 input), and the gathered samples.
-
-    Two passes over the (small) sample: the sum, then the sum of squared deviations, so the variance
-    keeps its precision when the mean is large against the spread.
-    """
-    acc = _acc_dtype(x)
-    xs = [gather(x, g) for g in groups]
-    mean = None
-    for g, s in zip(groups, xs):
-        m = s.sum(_rdims(s.ndim), dtype=acc) * (g.weight / g.count)
-        mean = m if mean is None else mean + m
-    var = None
-    for g, s in zip(groups, xs):
-        v = torch.sub(s, _cshape(mean, s.ndim)).square_().sum(_rdims(s.ndim)) * (g.weight / g.count)
-        var = v if var is None else var + v
-    return mean, var, xs
-
-
-class _SampledBatchNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, groups, eps, sample_backward):
-        mean, var, xs = sample_moments(x, groups)
-        p = weight.dtype if weight is not None else mean.dtype
-        y = F.batch_norm(x, mean.to(p), var.to(p), weight, bias, False, 0.0, eps)
-        ctx.groups = groups
-        ctx.eps = eps
-        ctx.sample_backward = sample_backward
-        ctx.x_shape = x.shape
-        # compiled: the statistics' term as a masked full-size expression (see sample_mask), which reads x
-        ctx.masked = torch.compiler.is_compiling()
-        ctx.mark_non_differentiable(mean, var)
-        # without sample_backward the backward needs x (as native BN does) and re-gathers the sample from it
-        # rather than keeping a second copy: peak memory stays native's.  With it, eager keeps only the sample
-        # (below native's); compiled keeps x, for the masked term, and takes the sample from it again
-        keep_x = ctx.masked or not sample_backward
-        ctx.save_for_backward(weight, mean, var, x if keep_x else xs[0])
-        return y, mean, var
-
-    @staticmethod
-    def backward(ctx, dy, _dmean, _dvar):
-        groups: list[Group] = ctx.groups
-        weight, mean, var = ctx.saved_tensors[:3]
-        nd = len(ctx.x_shape)
-        invstd = torch.rsqrt(var + ctx.eps)
-        gamma = weight.to(mean.dtype) if weight is not None else torch.ones_like(mean)
-        gi = gamma * invstd
-        dy = dy.contiguous(memory_format=_memory_format(dy))
-        x = ctx.saved_tensors[3] if ctx.masked or not ctx.sample_backward else None
-        if ctx.sample_backward:
-            g0 = groups[0]
-            xs0 = gather(x, g0) if x is not None else ctx.saved_tensors[3]
-            dys = gather(dy, g0)
-            red = _rdims(xs0.ndim)
-            scale = g0.length * math.prod(ctx.x_shape[2:]) / g0.count
-            sdy_s = dys.sum(red, dtype=mean.dtype)
-            sdyx_s = (dys.to(mean.dtype) * xs0).sum(red)
-            sum_dy = sdy_s * scale
-            sum_dyx = (sdyx_s - mean * sdy_s) * invstd * scale  # sum(dy * xhat) over the sample, scaled
-            dx = dy * _cshape(gi.to(dy.dtype), nd)
-            xs = [xs0]
-        else:
-            xs = [None if ctx.masked else gather(x, g) for g in groups]
-            w = weight if weight is not None else torch.ones_like(mean)
-            p = w.dtype
-            dx, sum_dyx, sum_dy = torch.ops.aten.native_batch_norm_backward(
-                dy, x, w, mean.to(p), var.to(p), None, None, False, ctx.eps, [True, True, True])
-            sum_dy = sum_dy.to(mean.dtype)
-            sum_dyx = sum_dyx.to(mean.dtype)
-        # statistics' term, sampled elements only: corr = -gi * a * (sum_dy + xhat * sum_dyx) = B * x + A
-        for g, s in zip(groups, xs):
-            a = g.weight / g.count
-            B = gi * invstd * sum_dyx * (-a)
-            A = gi * sum_dy * (-a) - B * mean
-            if ctx.masked:
-                term = torch.addcmul(_cshape(A, nd), x, _cshape(B, nd))
-                dx = dx + torch.where(sample_mask(ctx.x_shape, g, x.device), term, 0).to(dx.dtype)
-            else:
-                scatter_add_(dx, g, torch.addcmul(_cshape(A, s.ndim), s, _cshape(B, s.ndim)))
-        dw = sum_dyx.to(weight.dtype) if (weight is not None and ctx.needs_input_grad[1]) else None
-        db = sum_dy.to(weight.dtype if weight is not None else mean.dtype) if ctx.needs_input_grad[2] else None
-        return dx, dw, db, None, None, None
-
+from ..sampling import Group, gather, scatter_add_
+from .reference import update_running_stats
 
 _bn_backward = torch.ops.aten.native_batch_norm_backward.default
 
@@ -155,11 +46,11 @@ class _FusedSampledBatchNorm(torch.autograd.Function):
               ``_sample_stats``), then the eval-mode batch-norm kernel on the whole input fed
               ``gamma * invstd``, variance 1 and eps 0;
     backward: the eval-mode batch-norm backward (``dx = gamma * invstd * dy`` and both full sums in one
-              kernel), then the statistics' term on the sample, in place; or with ``sample_backward`` one
-              scaled copy of ``dy`` and the training-mode kernel on the sample alone (both sums, and the
-              sample's own gradient, from which the term follows: one ``lerp`` on the sample, in place).
+              kernel), then the statistics' term on the sample, in place; or with ``sample_backward`` the
+              training-mode kernel on the sample alone for its two sums, and BatchNorm's backward formula fed
+              those sums on every element (one eval-mode pass over x and one ``addcmul_`` with dy).
     When the sample is a strided view (drawn on the host), nothing is gathered or scattered.  The backward
-    keeps ``x``, as native batch norm does, or with ``sample_backward`` only a copy of the sample.  ``plan``
+    keeps ``x``, as native batch norm does (with ``sample_backward`` also a copy of the sample).  ``plan``
     (:func:`fused_plan`) and ``goff`` (the view's element offset): the eager module's cached path.
     """
 
@@ -200,8 +91,8 @@ class _FusedSampledBatchNorm(torch.autograd.Function):
         y = torch.native_batch_norm(x, gi, bias, mean, ones, False, 0.0, 0.0)[0]
         # everything the backward needs that does not depend on dy, in one tuple (attribute access costs)
         ctx.cfg = (group, eps, sample_backward, geom, static)
-        # sample_backward needs only the sample (peak memory below native's); otherwise x, as native BN keeps
-        ctx.save_for_backward(xd if sample_backward else x, weight, mean, invstd, gi)
+        # x, as native BN keeps; with sample_backward also the dense copy of the sample
+        ctx.save_for_backward(x, xd if sample_backward else None, weight, mean, invstd, gi)
         return y
 
     @staticmethod
@@ -210,34 +101,29 @@ class _FusedSampledBatchNorm(torch.autograd.Function):
         # evict them): the first call of each kind costs 10-50 us against 2-5 us hot, later calls of the same
         # kind far less.  So the backward runs few kinds of ops: the statistics' invstd and gamma * invstd come
         # from the forward, gi's broadcast view is an as_strided like the sample's, the scalings are muls.
-        xx, weight, mean, invstd, gi = ctx.saved_tensors
+        xx, xd, weight, mean, invstd, gi = ctx.saved_tensors
         g, eps, sb, geom, (fmt, k, scale, bs, gshape, tiny_cl, xfmt) = ctx.cfg
         is_view = geom is not None
         if not dy.is_contiguous(memory_format=fmt):
             dy = dy.contiguous(memory_format=fmt)
         if sb:
             w = weight if weight is not None else torch.ones_like(mean)
-            xs = xx  # the dense copy of the sample (NCHW or channels-last)
-            # dy's sample in xs's layout: aten's batch-norm backward falls back to a slow loop when the two
-            # differ (a band of runs of 16 or more is read fast enough alone: 34 us against 5 + 9 us for a copy
-            # and the dense kernel, on a 16x64x16x16 layer's band)
+            # dy's sample in the dense copy's layout (aten's batch-norm backward falls back to a slow loop when
+            # the two differ)
             dys = _retake(dy, geom, g)
             if not dys.is_contiguous(memory_format=xfmt):
                 dys = dys.contiguous(memory_format=xfmt)
-            # the training-mode kernel on the sample alone: its two sums, and its own input gradient
-            #   dxs = gi * (dy - (sum_s(dy) + xhat * sum_s(dy * xhat)) / m)
-            # whose statistics' term is the estimate's, 1/scale of it (the sums scaled to the full extent):
-            # a sampled element's gradient is gi * dy + scale * (dxs - gi * dy), one lerp on the band
-            dxs, sum_dyx, sum_dy = _bn_backward(dys, xs, w, None, None, mean, invstd, True, eps, [True, True, True])
-            gib = gi.as_strided(*gshape)
-            dx = dy * gib
+            # the training-mode kernel on the sample: sum_S(dy * xhat) and sum_S(dy)
+            sum_dyx, sum_dy = _bn_backward(dys, xd, w, None, None, mean, invstd, True, eps, [False, True, True])[1:]
+            # BatchNorm's backward fed the sample's sums, on every element:
+            #   dx = gi * dy + B * (x - mean) + A,   B = -gi * invstd * sum_S(dy * xhat) / m,  A = -gi * sum_S(dy) / m
+            c = gi * _const(k, gi)
+            ones = _ones(mean.shape[0], mean)
+            dx = torch.native_batch_norm(xx, c * sum_dyx * invstd, c * sum_dy, mean, ones, False, 0.0, 0.0)[0]
+            dx.addcmul_(dy, gi.as_strided(*gshape))
             sc = _const(scale, sum_dy)
             sum_dyx = sum_dyx * sc
             sum_dy = sum_dy * sc
-            if is_view:
-                _retake(dx, geom, g).lerp_(dxs, scale)
-            else:
-                scatter_add_(dx, g, torch.sub(dxs, dys * gib.view(bs)).mul_(scale))
         else:
             xs = _retake(xx, geom, g)
             # the eval-mode kernel fed (gi, mean, variance 1, eps 0): dx = gi * dy, sum(dy), and
@@ -378,7 +264,7 @@ def _update_stats(xd: torch.Tensor, running_mean: torch.Tensor | None, running_v
                        [False, True, False])[1].div_(n)
     del d
     if running_mean is not None:
-        lerp_running_stats(running_mean, running_var, mean, var, n, momentum)
+        update_running_stats(running_mean, running_var, mean, var, n, momentum)
     return mean, var
 
 
@@ -405,15 +291,6 @@ def _sample_stats(xd: torch.Tensor, running_mean: torch.Tensor | None, running_v
     return mean, torch.rsqrt(var + _const(eps, var)), var
 
 
-def lerp_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor,
-                       var: torch.Tensor, n: int, weight) -> None:
-    """Move the running statistics toward ``(mean, var * n / (n - 1))`` by ``weight`` (a float, or a tensor
-    for the cumulative average), in place, as ``nn.BatchNorm`` does: unbiased with the sample count ``n``."""
-    unbiased = var * (n / (n - 1)) if n > 1 else var
-    running_mean.lerp_(mean.to(running_mean.dtype), weight)
-    running_var.lerp_(unbiased.to(running_var.dtype), weight)
-
-
 def _dense_sample(s: torch.Tensor) -> torch.Tensor:
     """The sample in a layout aten's batch-norm reduction kernels are fast on.
 
@@ -438,7 +315,7 @@ def fused_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.T
                      eps: float, sample_backward: bool, running_mean: torch.Tensor | None,
                      running_var: torch.Tensor | None, momentum: float, stats_out: list | None = None
                      ) -> torch.Tensor:
-    """:func:`sampled_batch_norm` for one group in float32/float64, also updating the running statistics
+    """:func:`fxbns.ops.sampled_batch_norm` for one group in float32/float64 on the CPU, also updating the running statistics
     in place when given (``momentum`` as in ``nn.BatchNorm``, a float; unbiased by the sample count).
 
     Returns the output only; ``stats_out``, a list, receives ``(mean, biased var)`` (detached) when given.
@@ -457,14 +334,3 @@ def _memory_format(t: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def sampled_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                       groups: list[Group], eps: float, sample_backward: bool = False
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Normalise ``x`` with statistics from the sample ``groups``; returns ``(y, mean, biased var)``.
-
-    ``mean`` and ``var`` are detached (for the running-statistics update); gradients flow through
-    the statistics inside the op.  ``sample_backward`` needs a single group.
-    """
-    if sample_backward and len(groups) != 1:
-        raise ValueError("sample_backward needs a single sample group (it is not available with VDN mixing)")
-    return _SampledBatchNorm.apply(x, weight, bias, groups, eps, sample_backward)
