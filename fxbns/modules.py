@@ -22,9 +22,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .estimators import BatchSampling, Exact, FeatureSampling, MicroBatch
-from .ops import sampled_batch_norm
+from .ops import dispatch, sampled_batch_norm
 from .ops.cpu import _FusedSampledBatchNorm, fused_plan
-from .ops import dispatch
 from .ops.dispatch import choose_path, speed_rule
 from .sampling import build_groups, host_draw
 
