@@ -51,7 +51,7 @@ def _compare(a, b, tol):
         if u is None:
             assert v is None
             continue
-        torch.testing.assert_close(u.float(), v.float(), atol=tol, rtol=tol, msg=lambda m: f"output {i}: {m}")
+        torch.testing.assert_close(u.float(), v.float(), atol=tol, rtol=tol, msg=lambda m, i=i: f"output {i}: {m}")
 
 
 def _case(shape, layout, dtype, device, affine=True):
@@ -163,7 +163,7 @@ def test_exact_gradient_form_is_autograd_of_the_reference():
         groups = build_groups(spec, shape, 6, 0, torch.tensor(4), seed=2, host_step=4)
         for path in ("cpu", "cuda"):
             assert torch.autograd.gradcheck(
-                lambda x, w, b: sampled_batch_norm(x, w, b, groups, 1e-5, False, path=path), (x, w, b))
+                lambda x, w, b, g=groups, p=path: sampled_batch_norm(x, w, b, g, 1e-5, False, path=p), (x, w, b))
 
 
 class _Recorder(TorchDispatchMode):
@@ -327,7 +327,7 @@ def test_checkpoint_recompute_sees_the_forwards_sample(spec, reentrant):
             out.square().mean().backward()
         results.append((xx.grad, blk[0].weight.grad, blk[1].weight.grad, blk[1].running_mean.clone(),
                         blk[1].running_var.clone(), int(blk[1].num_batches_tracked)))
-    for a, b in zip(*results[:1], *results[1:]) if False else zip(results[0], results[1]):
+    for a, b in zip(results[0], results[1]):
         if isinstance(a, int):
             assert a == b
         else:
