@@ -1,10 +1,16 @@
 """The public entry points: transform, explain, report, revert, save, load.
 
+:func:`transform` returns the user's own model (its class, methods and attributes) with its BatchNorm
+modules replaced in place.  Where a rewrite needs the traced graph (an ``F.batch_norm`` call in the code, or
+the virtual batch of VDN / micro-batch), the model's ``forward`` runs the rewritten graph instead of its own
+code, and it is still an instance of its class (see :mod:`fxbns.passes.forward`).
+
 >>> import torch, torchvision
 >>> import fxbns
->>> gm = fxbns.transform(torchvision.models.resnet18(num_classes=10), "fs")
->>> len(fxbns.report(gm))
-20
+>>> model = torchvision.models.resnet18(num_classes=10)
+>>> m = fxbns.transform(model, "fs")
+>>> isinstance(m, torchvision.models.ResNet), len(fxbns.report(m))
+(True, 20)
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from __future__ import annotations
 import copy
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,27 +28,59 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._version import __version__
 from .estimators import BatchSampling, Exact, FeatureSampling, VirtualDataset
-from .modules import FunctionalBatchNorm, SampledBatchNorm, tiny_map
-from .ops.dispatch import speed_rule
+from .modules import FunctionalBatchNorm, SampledBatchNorm
+from .passes.forward import install_graph_forward, uninstall_graph_forward
 from .passes.match import Site, find_sites
 from .passes.rewrite import rewrite_graph, swap_modules
-from .passes.virtual import VIRTUAL_NAME, VirtualBatch, inject_graph, strip_virtual
+from .passes.virtual import VIRTUAL_NAME, VirtualBatch, inject_graph
 from .policy import Policy, resolve_policy
-from .report import Report, sample_size
+from .report import Report, runs_at, sample_size
 from .sampling import fs_fallback
-from .tracing import DualGraphModule, trace
+from .tracing import trace
 
 __all__ = ["transform", "explain", "report", "revert", "save", "load", "TransformInfo"]
 
 
 @dataclass
 class TransformInfo:
-    """What :func:`transform` did, kept on the result as ``model._fxbns``."""
+    """What :func:`transform` did, kept on the result as ``model._fxbns`` (read it with :func:`report`).
+
+    Attributes:
+        policy: the resolved policy.
+        sites: the plan, one :class:`~fxbns.passes.match.Site` per BatchNorm site (shapes from
+            ``example_inputs``).
+        leaf_modules: the ``leaf_modules`` given to :func:`transform`.
+        mode: ``"swap"`` (the model's own forward) or ``"graph"`` (its forward runs the traced graph).
+        opaque: submodules traced as leaves, and why.
+        root_error: why the root could not be traced, if so.
+        virtual: the virtual batch's description, if any.
+        functional: functional site name -> module path of its stand-in.
+        added: attribute paths transform added to the model (stand-ins, the virtual batch, tensor constants).
+        graphs: ``{True: training graph, False: eval graph}`` in graph mode (not pickled).
+        version: the fxbns version.
+    """
 
     policy: Policy
-    report: Report
+    sites: list[Site]
     leaf_modules: tuple[str, ...]
+    mode: str = "swap"
+    opaque: dict[str, str] = field(default_factory=dict)
+    root_error: str | None = None
+    virtual: str | None = None
+    functional: dict[str, str] = field(default_factory=dict)
+    added: list[str] = field(default_factory=list)
+    graphs: dict[bool, fx.Graph] | None = None
     version: str = __version__
+
+    def __getstate__(self):
+        return {**self.__dict__, "graphs": None}  # fx graphs are not pickled; the forward's code is (on the class)
+
+    def __deepcopy__(self, memo):
+        new = copy.copy(self)
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            new.__dict__[k] = copy.deepcopy(v, memo)
+        return new
 
 
 def _as_tuple(example_inputs) -> tuple | None:
@@ -59,19 +97,25 @@ def _first_tensor(args) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def _capture_shapes(model: nn.Module, args: tuple) -> dict[str, tuple[int, ...]]:
-    """Input shapes of every BN module, from one eval-mode forward (state is not changed)."""
+def _capture_shapes(model: nn.Module, args: tuple, targets: dict[str, str] | None = None
+                    ) -> dict[str, tuple[int, ...]]:
+    """Input shapes of every BN module (or of ``targets``: site name -> module path), from one eval-mode
+    forward (state is not changed)."""
     shapes: dict[str, tuple[int, ...]] = {}
     handles = []
 
     def hook(name):
         def record(mod, inp):
-            shapes.setdefault(name, tuple(inp[0].shape))
+            if inp and isinstance(inp[0], torch.Tensor):
+                shapes.setdefault(name, tuple(inp[0].shape))
         return record
 
-    for name, m in model.named_modules():
-        if isinstance(m, _BatchNorm):
-            handles.append(m.register_forward_pre_hook(hook(name)))
+    modules = dict(model.named_modules())
+    if targets is None:
+        targets = {n: n for n, m in modules.items() if isinstance(m, _BatchNorm)}
+    for name, path in targets.items():
+        if path in modules:
+            handles.append(modules[path].register_forward_pre_hook(hook(name)))
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
@@ -128,53 +172,142 @@ def _virtual_config(policy: Policy, sites: list[Site]) -> tuple[VirtualBatch | N
     return vb, vb.extra_repr()
 
 
-def _rows(sites: list[Site], virtual: bool) -> list[dict[str, Any]]:
+# ------------------------------------------------------------------------------------------------ the report
+def _short_reason(s: Site) -> str | None:
+    """A few words for a site left as it is (the full sentence stays in the row's ``reason``)."""
+    r = s.reason or ""
+    for key, short in (("SyncBatchNorm", "SyncBatchNorm: left exact"), ("own forward", "BN subclass: own forward"),
+                       ("FrozenBatchNorm2d", "frozen: fixed statistics"), ("LazyBatchNorm", "uninitialised lazy BN"),
+                       ("run time", "momentum/eps computed at run time"), ("policy: exact", "policy: exact")):
+        if key in r:
+            return short
+    return r[:40] or None
+
+
+def _row(s: Site, *, spec, micro, shape, live_type: str, via: str | None, eager_rules: bool, is_cpu: bool,
+         virtual: bool, replaced: str | None = None) -> dict[str, Any]:
+    shape = tuple(shape) if shape is not None else None
+    notes = list(s.notes)
+    left_alone = s.reason is not None and s.reason != "policy: exact"
+    if replaced is not None:
+        runs, active, why = (None if shape is None else "exact"), None, f"now {live_type}: replaced after transform"
+        notes.append(f"the module at this name is now a {live_type}, replaced after fxbns.transform; "
+                     f"it runs its own code")
+    elif left_alone:
+        runs, active, why = (None if shape is None else "exact"), None, _short_reason(s)
+    else:
+        runs, active, why = runs_at(spec, micro, shape, eager_rules=eager_rules, is_cpu=is_cpu)
+    if shape is None:
+        why = "no shape: pass example_inputs" if replaced is None and not left_alone else why
+    n, frac = sample_size(active, shape) if runs == "sampled" else (None, None)
+    sampling = isinstance(spec, (BatchSampling, FeatureSampling))
+    below = spec.exact_below_batch(shape) if sampling and shape is not None else None
+    if below is not None and below > 1:
+        notes.append(f"exact below batch {below} (min_elements {spec.min_elements})")
+    fs = spec.real if isinstance(spec, VirtualDataset) else spec
+    if isinstance(fs, FeatureSampling) and shape is not None and len(shape) == 2:
+        notes.append(f"(N, C) input has no feature map: FS falls back to {fs_fallback(fs).describe()}")
+    if spec is None and virtual and s.reason == "policy: exact":
+        notes.append("statistics from the real rows only")
+    if micro is not None and replaced is None and not left_alone:
+        notes.append(f"micro-batch: at training batches <= {micro.threshold} "
+                     f"{micro.estimator.describe()} (virtual rows appended)")
+    if s.calls > 1:
+        why = f"{why}; {s.calls} calls"
+    if runs is not None and why and why not in notes and replaced is None:
+        notes.insert(0, f"{runs}: {why}")
+    vb_at = None
+    if replaced is None and not left_alone:
+        vb_at = ("every training batch" if isinstance(spec, VirtualDataset)
+                 else f"training batch <= {micro.threshold}" if micro is not None else None)
+    return {"name": s.name, "kind": s.kind, "module_type": live_type, "producer": s.producer,
+            "producer_name": s.producer_name, "shape": list(shape) if shape is not None else None,
+            "estimator": spec.describe() if spec is not None else "exact", "spec": spec,
+            "runs": runs, "why": why, "via": via, "active": active.describe() if active is not None else None,
+            "virtual_batch": vb_at, "sample": n, "fraction": frac, "calls": s.calls,
+            "exact_below_batch": below, "reason": "; ".join([r for r in [s.reason] if r] + notes) or None}
+
+
+def _explain_report(traced, sites, policy: Policy, vdesc, is_cpu: bool) -> Report:
+    virtual = vdesc is not None
+    graph = traced.graph is not None and (virtual or any(s.kind == "functional" and s.spec is not None
+                                                          for s in sites))
     rows = []
     for s in sites:
-        n, frac = sample_size(s.spec, s.shape)
-        notes = list(s.notes)
-        fs = s.spec.real if isinstance(s.spec, VirtualDataset) else s.spec
-        below = (s.spec.exact_below_batch(tuple(s.shape))
-                 if isinstance(s.spec, (BatchSampling, FeatureSampling)) and s.shape is not None else None)
-        if below is not None and below > 1:
-            notes.append(f"exact below batch {below} (min_elements {s.spec.min_elements or 'of the device'})")
-        if (isinstance(s.spec, (BatchSampling, FeatureSampling)) and s.spec.min_elements != 0 and s.shape is not None
-                and tiny_map(s.shape)):
-            notes.append(f"eager CPU training: exact from {speed_rule('cpu').tiny_map_min_numel} elements "
-                         f"(maps of 2-4 elements: faster than sampling there)")
-        if isinstance(fs, FeatureSampling) and s.shape is not None and len(s.shape) == 2:
-            notes.append(f"(N, C) input has no feature map: FS falls back to {fs_fallback(fs).describe()}")
-        if s.spec is None and virtual and s.reason == "policy: exact":
-            notes.append("statistics from the real rows only")
-        rows.append({"name": s.name, "kind": s.kind, "module_type": s.module_type, "producer": s.producer,
-                     "producer_name": s.producer_name, "shape": list(s.shape) if s.shape else None,
-                     "estimator": s.spec.describe() if s.spec is not None else "exact",
-                     "spec": s.spec, "sample": n, "fraction": frac, "calls": s.calls,
-                     "exact_below_batch": below,
-                     "reason": "; ".join([r for r in [s.reason] if r] + notes) or None})
-    return rows
+        rewritten = s.reason is None or (s.reason == "policy: exact" and virtual)
+        via = None if not rewritten else ("graph" if graph and s.kind != "inner" else "swap")
+        rows.append(_row(s, spec=s.spec, micro=policy.micro if rewritten else None, shape=s.shape,
+                         live_type=s.module_type, via=via, eager_rules=not virtual and s.kind != "functional",
+                         is_cpu=is_cpu, virtual=virtual))
+    return Report(rows, "graph" if graph else "swap", dict(traced.opaque), traced.root_error, vdesc,
+                  _micro_desc(policy))
 
 
-def _make_report(traced, sites, policy, virtual_desc) -> Report:
-    return Report(_rows(sites, virtual_desc is not None), "graph" if traced.graph is not None else "swap",
-                  dict(traced.opaque), traced.root_error, virtual_desc,
-                  f"batch <= {policy.micro.threshold}: {policy.micro.estimator.describe()}" if policy.micro else None)
+def _micro_desc(policy: Policy) -> str | None:
+    m = policy.micro
+    return f"batch <= {m.threshold}: {m.estimator.describe()}" if m is not None else None
 
 
+def _live_report(model: nn.Module, info: TransformInfo, shapes: dict[str, tuple[int, ...]] | None) -> Report:
+    modules = dict(model.named_modules())
+    virtual = info.virtual is not None
+    rows = []
+    for s in info.sites:
+        path = info.functional.get(s.name) if s.kind == "functional" else s.name
+        m = modules.get(path) if path is not None else None
+        shape = shapes.get(s.name) if shapes is not None else s.shape
+        dev = next((t.device for t in (m.buffers() if m is not None else ())), None)
+        is_cpu = dev is None or dev.type == "cpu"
+        if isinstance(m, (SampledBatchNorm, FunctionalBatchNorm)):
+            via = "graph" if info.mode == "graph" and s.kind != "inner" else "swap"
+            eager = isinstance(m, SampledBatchNorm) and m._vstate is None
+            spec = None if isinstance(m.estimator, Exact) else m.estimator
+            rows.append(_row(s, spec=spec, micro=m.micro, shape=shape, live_type=type(m).__name__, via=via,
+                             eager_rules=eager, is_cpu=is_cpu, virtual=virtual))
+        elif s.kind == "functional":  # the model's own F.batch_norm call
+            rows.append(_row(s, spec=None, micro=None, shape=shape, live_type=s.module_type, via=None,
+                             eager_rules=False, is_cpu=is_cpu, virtual=virtual))
+        else:
+            live = type(m).__name__ if m is not None else "nothing"
+            planned = s.reason is None or (s.reason == "policy: exact" and virtual)
+            changed = planned or (m is not None and live != s.module_type)
+            rows.append(_row(s, spec=None, micro=None, shape=shape, live_type=live, via=None, eager_rules=False,
+                             is_cpu=is_cpu, virtual=virtual, replaced=live if changed else None))
+    return Report(rows, info.mode, dict(info.opaque), info.root_error, info.virtual, _micro_desc(info.policy))
+
+
+# ---------------------------------------------------------------------------------------------- transform
 def transform(model: nn.Module, policy: Any = "fs", *, example_inputs=None, inplace: bool = False,
               leaf_modules=(), concrete_args=None) -> nn.Module:
     """Rewrite every BatchNorm of ``model`` into sampled-statistics code chosen by ``policy``.
 
-    ``policy``: a :class:`Policy`, a preset name (``exact``, ``bs``, ``fs``, ``vdn``, ``micro``), a
-    JSON/YAML file path, a dict or a single estimator spec.  Returns an ``fx.GraphModule`` (a
-    :class:`~fxbns.tracing.DualGraphModule` when train and eval trace differently); if the root's own
-    forward cannot be traced, the model itself with its BatchNorms swapped in place.  Eval mode is
-    exactly the original BatchNorm; ``model._fxbns.report`` describes every site.
+    The result is the model itself (a deep copy unless ``inplace``): the same class, methods and
+    attributes, with each ``nn.BatchNorm{1,2,3}d`` replaced at its name by a :class:`~fxbns.SampledBatchNorm`
+    that shares its parameters and buffers, so ``state_dict()`` keys do not change.  Where the traced graph
+    is needed (``F.batch_norm`` calls in the model's code, or the virtual batch of VDN and micro-batch
+    policies), the model's ``forward`` runs the rewritten graph; its other methods (``features()``,
+    ``forward_features()``) run its own code with the replaced modules.  Eval mode is exactly the original
+    BatchNorm.  :func:`report` says what each site does.
+
+    Args:
+        model: the model (not changed unless ``inplace``).
+        policy: a :class:`Policy`, a preset name (``exact``, ``bs``, ``fs``, ``vdn``, ``micro``), a JSON/YAML
+            file path, a dict or a single estimator spec.
+        example_inputs: an input batch (a tensor or a tuple of positional inputs): records each site's shape
+            for the report, materialises lazy modules and creates the virtual samples.
+        inplace: change ``model`` itself instead of a copy.
+        leaf_modules: qualified names of submodules to trace as leaves (their BatchNorms are still replaced).
+        concrete_args: passed to ``torch.fx`` tracing.
+
+    Returns:
+        The transformed model, an instance of ``type(model)``.
 
     >>> import torch, fxbns
     >>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
-    >>> gm = fxbns.transform(m, "bs")
-    >>> gm(torch.randn(16, 3, 8, 8)).shape
+    >>> t = fxbns.transform(m, "bs")
+    >>> type(t).__name__, type(t[1]).__name__
+    ('Sequential', 'SampledBatchNorm')
+    >>> t(torch.randn(16, 3, 8, 8)).shape
     torch.Size([16, 8, 6, 6])
     """
     if not isinstance(model, nn.Module):
@@ -189,7 +322,12 @@ def transform(model: nn.Module, policy: Any = "fs", *, example_inputs=None, inpl
                          f"copied: pass example_inputs=... to materialise them, run one forward first, or use "
                          f"inplace=True (lazy BatchNorms are then left exact)")
     root = model if inplace else copy.deepcopy(model)
+    before = set(vars(root))
     traced, sites = _plan(root, pol, tuple(leaf_modules), concrete_args, example_inputs)
+    constants = [k for k in vars(root) if k not in before and k.startswith("_tensor_constant")]
+    if not sites:
+        warnings.warn(f"fxbns.transform: {type(model).__name__} has no BatchNorm (no nn.BatchNorm module and no "
+                      f"F.batch_norm call reached by tracing): nothing was rewritten", UserWarning, stacklevel=2)
     vb, vdesc = _virtual_config(pol, sites)
     vstate = vb.state if vb is not None else None
     rewrite_all = vb is not None
@@ -199,22 +337,36 @@ def transform(model: nn.Module, policy: Any = "fs", *, example_inputs=None, inpl
         x0 = _first_tensor(args) if args is not None else None
         if x0 is not None:
             vb.materialize(x0)
+    functional = any(s.kind == "functional" and s.reason is None and (s.spec is not None or rewrite_all)
+                     for s in sites)
+    info = TransformInfo(pol, sites, tuple(leaf_modules), "swap", dict(traced.opaque), traced.root_error, vdesc)
     if traced.graph is None:
         if vb is not None:
             _attach_hooks(root, vb, pol.input_name)
-        out = root
-    else:
+            info.added.append(VIRTUAL_NAME)
+            info.virtual = f"{vdesc}; by forward hooks on the root"
+    elif vb is not None or functional:
         n_real = None
         if vb is not None:
             root.add_module(VIRTUAL_NAME, vb)
+            info.added.append(VIRTUAL_NAME)
             n_real = inject_graph(traced.graph, pol.input_name)
         rewrite_graph(root, traced.graph, sites, pol.micro, pol.seed, vstate, n_real, rewrite_all, res)
         if traced.eval_graph is not None:
             rewrite_graph(root, traced.eval_graph, sites, pol.micro, pol.seed, vstate, None, rewrite_all, res)
-        out = DualGraphModule(root, traced.graph, traced.eval_graph, type(model).__name__)
-    out._fxbns = TransformInfo(pol, _make_report(traced, sites, pol, vdesc), tuple(leaf_modules))
-    _warn_sample_backward(out)
-    return out
+        for k in constants:  # tensors the tracer lifted out of the code: buffers (moved by .to()), not state
+            root.register_buffer(k, root.__dict__.pop(k), persistent=False)
+        install_graph_forward(root, traced.graph, traced.eval_graph)
+        info.mode = "graph"
+        info.functional = dict(res.functional)
+        info.added += list(res.functional.values()) + constants
+        info.graphs = {True: traced.graph, False: traced.eval_graph or traced.graph}
+    if info.mode == "swap":
+        for k in constants:  # only the (unused) traced graph reads them
+            delattr(root, k)
+    root._fxbns = info
+    _warn_sample_backward(root)
+    return root
 
 
 def _warn_sample_backward(model: nn.Module) -> None:
@@ -235,6 +387,8 @@ def _warn_sample_backward(model: nn.Module) -> None:
 
 def _attach_hooks(root: nn.Module, vb: VirtualBatch, input_name: str | None) -> None:
     """Virtual-batch injection for a model whose root could not be traced: forward hooks on the root."""
+    from .passes.virtual import strip_virtual
+
     root.add_module(VIRTUAL_NAME, vb)
 
     def pre(mod, args, kwargs):
@@ -263,31 +417,84 @@ def _attach_hooks(root: nn.Module, vb: VirtualBatch, input_name: str | None) -> 
 
 def explain(model: nn.Module, policy: Any = "fs", example_inputs=None, *, leaf_modules=(),
             concrete_args=None) -> Report:
-    """Dry run: what :func:`transform` would do to each site.  The model is not changed.
+    """Dry run: what :func:`transform` would do to each site, at the shapes of ``example_inputs``.
+
+    Args:
+        model: the model (not changed).
+        policy: as for :func:`transform`.
+        example_inputs: an input batch; without it the rows have no shape and ``runs`` is ``None``.
+        leaf_modules: as for :func:`transform`.
+        concrete_args: as for :func:`transform`.
+
+    Returns:
+        A :class:`Report`.
 
     >>> import torch, fxbns
     >>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
-    >>> fxbns.explain(m, "bs", torch.randn(2, 3, 8, 8)).rows[0]["estimator"]
-    'bs(ratio=0.125, exact below 262144)'
+    >>> row = fxbns.explain(m, "bs", torch.randn(2, 3, 8, 8)).rows[0]
+    >>> row["estimator"], row["runs"]
+    ('bs(ratio=0.125, exact below 262144)', 'exact')
     """
     pol = resolve_policy(policy)
-    traced, sites = _plan(model, pol, tuple(leaf_modules), concrete_args, example_inputs)
+    before = set(vars(model))
+    try:
+        traced, sites = _plan(model, pol, tuple(leaf_modules), concrete_args, example_inputs)
+    finally:
+        for k in [k for k in vars(model) if k not in before and k.startswith("_tensor_constant")]:
+            delattr(model, k)  # the tracer's lifted constants: explain leaves the model as it was
     _, vdesc = _virtual_config(pol, sites)
-    return _make_report(traced, sites, pol, vdesc)
+    x0 = _first_tensor(_as_tuple(example_inputs) or ())
+    return _explain_report(traced, sites, pol, vdesc, x0 is None or x0.device.type == "cpu")
 
 
-def report(model: nn.Module) -> Report:
-    """The per-site report of a transformed model."""
+def report(model: nn.Module, example_inputs=None) -> Report:
+    """What each BatchNorm site of a transformed model computes in training, read from its live modules.
+
+    A site replaced after :func:`transform` (e.g. by ``nn.SyncBatchNorm.convert_sync_batchnorm``) is
+    reported as what it is now.
+
+    Args:
+        model: a model returned by :func:`transform`.
+        example_inputs: an input batch to report at (its shapes are taken with one eval-mode forward; the
+            model's state is not changed); ``None``: the shapes of transform's ``example_inputs``.
+
+    Returns:
+        A :class:`Report`.
+
+    >>> import torch, fxbns
+    >>> m = fxbns.transform(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)), "fs")
+    >>> fxbns.report(m, torch.randn(2, 3, 8, 8)).rows[0]["runs"]
+    'exact'
+    >>> fxbns.report(m, torch.randn(512, 3, 34, 34)).rows[0]["runs"]
+    'sampled'
+    """
     info = getattr(model, "_fxbns", None)
     if info is None:
         raise ValueError("this model was not produced by fxbns.transform (use fxbns.explain for a dry run)")
-    return info.report
+    shapes = None
+    args = _as_tuple(example_inputs)
+    if args is not None:
+        targets = {s.name: (info.functional.get(s.name) if s.kind == "functional" else s.name) for s in info.sites}
+        shapes = _capture_shapes(model, args, {k: v for k, v in targets.items() if v is not None})
+    return _live_report(model, info, shapes)
 
 
 def revert(model: nn.Module) -> nn.Module:
     """A copy of a transformed model with plain BatchNorm modules holding the trained state.
 
-    The result has no virtual batch and the same ``state_dict()`` keys as the original model.
+    The copy is an instance of the model's own class running its own ``forward``; it has no virtual batch and
+    the same ``state_dict()`` keys as the original model.
+
+    Args:
+        model: a model returned by :func:`transform`.
+
+    Returns:
+        The reverted copy (``model`` is not changed).
+
+    >>> import torch, fxbns
+    >>> m = fxbns.transform(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)), "fs")
+    >>> type(fxbns.revert(m)[1]).__name__
+    'BatchNorm2d'
     """
     info = getattr(model, "_fxbns", None)
     if info is None:
@@ -296,49 +503,38 @@ def revert(model: nn.Module) -> nn.Module:
     for name, m in list(out.named_modules()):
         if isinstance(m, SampledBatchNorm):
             out.set_submodule(name, m.to_batchnorm())
-        elif isinstance(m, FunctionalBatchNorm):
-            m.estimator, m.micro = Exact(), None
-    graphs = {id(g): g for g in out.graphs().values()}.values() if isinstance(out, DualGraphModule) else ()
-    for g in graphs:
-        _remove_virtual(g)
-    if hasattr(out, VIRTUAL_NAME):
-        delattr(out, VIRTUAL_NAME)
+    for path in info.added:
+        owner, _, attr = path.rpartition(".")
+        parent = out.get_submodule(owner) if owner else out
+        if hasattr(parent, attr):
+            delattr(parent, attr)
     for h in getattr(out, "_fxbns_hooks", ()):
         h.remove()
-    if isinstance(out, DualGraphModule):
-        out.recompile()
-    out._fxbns = None
+    for attr in ("_fxbns_hooks", "_fxbns_rows"):
+        out.__dict__.pop(attr, None)
+    uninstall_graph_forward(out)
+    del out._fxbns
     return out
-
-
-def _remove_virtual(g: fx.Graph) -> None:
-    inj = next((n for n in g.nodes if n.op == "call_module" and n.target == VIRTUAL_NAME), None)
-    if inj is None:
-        return
-    x = inj.args[0]
-    n_real = None
-    for u in list(inj.users):
-        if u.args[1] == 0:
-            u.replace_all_uses_with(x)
-        elif u.args[1] == 1:
-            n_real = u
-    for n in list(g.nodes):
-        if n.op == "call_function" and n.target is strip_virtual:
-            n.replace_all_uses_with(n.args[0])
-            g.erase_node(n)
-    if n_real is not None:
-        for u in list(n_real.users):
-            u.args = tuple(a for a in u.args if a is not n_real)
-    for u in list(inj.users):
-        g.erase_node(u)
-    g.erase_node(inj)
-    g.lint()
 
 
 def save(model: nn.Module, path: str | os.PathLike) -> None:
     """Store a transformed model's state_dict, policy and the fxbns version (atomically).
 
-    Rebuild it with :func:`load` and the original architecture; no GraphModule is pickled.
+    Rebuild it with :func:`load` and the original architecture; no code is pickled.
+
+    Args:
+        model: a model returned by :func:`transform`.
+        path: the file to write.
+
+    Returns:
+        None.
+
+    >>> import os, tempfile, torch, fxbns
+    >>> net = lambda: torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
+    >>> path = os.path.join(tempfile.mkdtemp(), "ck.pt")
+    >>> fxbns.save(fxbns.transform(net(), "bs"), path)
+    >>> type(fxbns.load(path, net())[1]).__name__
+    'SampledBatchNorm'
     """
     from ._io import atomic_write
     info = getattr(model, "_fxbns", None)
@@ -350,9 +546,19 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
 
 
 def load(path: str | os.PathLike, model: nn.Module, *, example_inputs=None) -> nn.Module:
-    """Rebuild a transformed model from :func:`save` output and the original (untransformed) ``model``."""
+    """Rebuild a transformed model from :func:`save` output and the original (untransformed) ``model``.
+
+    Args:
+        path: a file written by :func:`save`.
+        model: the original architecture (its weights are replaced by the checkpoint's).
+        example_inputs: as for :func:`transform`.
+
+    Returns:
+        The transformed model holding the saved state (see :func:`save` for an example).
+    """
+    from ._io import quiet_torch_load
     try:
-        payload = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+        payload = quiet_torch_load(os.fspath(path))
     except FileNotFoundError:
         raise FileNotFoundError(f"no such checkpoint: {os.fspath(path)!r}") from None
     except Exception as e:  # noqa: BLE001

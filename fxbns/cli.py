@@ -43,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
                    f"omitted: the embedded default ({DEFAULT_ARCH}, {DEFAULT_NUM_CLASSES} classes)")
     p.add_argument("--arch", help="architecture for a state_dict: torchvision:NAME, timm:NAME (timm installed), "
                    "or package.module:factory")
-    p.add_argument("--num-classes", type=int, help="num_classes passed to the architecture factory")
+    p.add_argument("--num-classes", type=int, help="num_classes passed to the architecture factory (default: read "
+                   "from a state_dict's classifier for torchvision and timm architectures)")
     p.add_argument("--trust", action="store_true", help="allow loading a pickled nn.Module (runs code from the file)")
     p.add_argument("--policy", default="fs", help="a preset (exact, bs, fs, vdn, micro) or a JSON/YAML policy file "
                    "(default: fs)")
@@ -94,13 +95,12 @@ def _parse_shape(s: str | None, default: tuple[int, ...]) -> tuple[int, ...]:
 def _check_writable(path: str | None, flag: str) -> None:
     if path is None:
         return
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise CLIError(f"{flag} {path!r}: folder {folder!r} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise CLIError(f"{flag} {path!r}: folder {folder!r} is not writable")
-    if os.path.isdir(path):
-        raise CLIError(f"{flag} {path!r} is a folder; give a file path")
+    from ._io import check_writable
+
+    try:
+        check_writable(path)
+    except OSError as e:
+        raise CLIError(f"{flag}: {e}") from None
 
 
 def _build_arch(arch: str, num_classes: int | None):
@@ -134,9 +134,60 @@ def _build_arch(arch: str, num_classes: int | None):
     return factory(**kw)
 
 
+#: torchvision's classifiers have this many outputs unless told otherwise
+_TORCHVISION_CLASSES = 1000
+
+
+def _classifier_keys(kind: str, model) -> list[str]:
+    """State-dict keys of the classifier's weight(s) of a model built with the factory's default classes."""
+    sd = model.state_dict()
+    if kind == "timm":
+        names = getattr(model, "pretrained_cfg", None) or {}
+        names = names.get("classifier")
+        names = [names] if isinstance(names, str) else list(names or ())
+        return [f"{n}.weight" for n in names if f"{n}.weight" in sd]
+    # torchvision records no classifier name: the layers with the default number of outputs (and a bias)
+    return [k for k, v in sd.items() if k.endswith(".weight") and v.ndim >= 2 and v.shape[0] == _TORCHVISION_CLASSES
+            and getattr(sd.get(k[:-6] + "bias"), "shape", None) == (_TORCHVISION_CLASSES,)]
+
+
+def _classes_in(sd: dict, kind: str, model) -> tuple[int, str] | None:
+    """(number of classes, key) when the state dict's classifier has another number of outputs than ``model``'s."""
+    msd = model.state_dict()
+    keys = [k for k in _classifier_keys(kind, model) if k in sd and sd[k].ndim == msd[k].ndim]
+    found = {int(sd[k].shape[0]) for k in keys}
+    if len(found) != 1:
+        return None
+    n = found.pop()
+    return (n, keys[0]) if n != msd[keys[0]].shape[0] else None
+
+
+def _shape(t) -> str:
+    return "x".join(map(str, t.shape)) or "scalar"
+
+
+def _misfit(sd: dict, model) -> str:
+    """'N missing, M unexpected keys' (and other shapes), with a few examples of each."""
+    msd = model.state_dict()
+    missing = [k for k in msd if k not in sd]
+    unexpected = [k for k in sd if k not in msd]
+    shapes = [k for k in msd if k in sd and tuple(sd[k].shape) != tuple(msd[k].shape)]
+
+    def eg(keys, fmt=str, sep=", "):
+        more = f"{sep}..." if len(keys) > 3 else ""
+        return f" (e.g. {sep.join(fmt(k) for k in keys[:3])}{more})" if keys else ""
+
+    parts = [f"{len(missing)} missing keys{eg(missing)}", f"{len(unexpected)} unexpected keys{eg(unexpected)}"]
+    if shapes:
+        parts.append(f"{len(shapes)} with another shape"
+                     + eg(shapes, lambda k: f"{k}: {_shape(sd[k])} in the file, {_shape(msd[k])} in the model", "; "))
+    return ", ".join(parts)
+
+
 def _load_model(args):
-    import torch
     from torch import nn
+
+    from ._io import load_error_message, quiet_torch_load
 
     if args.model is None:
         if args.arch is None:
@@ -148,27 +199,30 @@ def _load_model(args):
     if os.path.isdir(path):
         raise CLIError(f"model path {path!r} is a folder; give a .pt file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = quiet_torch_load(path, weights_only=True)
         safe = True
     except pickle.UnpicklingError as e:
         if "global" not in str(e).lower():  # not a class reference that weights_only refused: a broken file
-            raise CLIError(f"cannot read {path!r}: not a PyTorch file or corrupt (unpickling failed)") from None
+            raise CLIError(f"cannot read {path!r}: it is not a PyTorch file or it is corrupt (torch.load could "
+                           f"not unpickle it)") from None
         obj, safe = None, False
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise CLIError(f"cannot read {path!r}: not a PyTorch file or corrupt ({type(e).__name__}: "
-                       f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CLIError(load_error_message(path, e)) from None
     if not safe:
         if not args.trust:
             raise CLIError(
                 f"{path!r} holds a pickled object (a whole nn.Module?), not just tensors. Loading it runs code "
                 f"from the file. If you trust it, add --trust; otherwise save a state_dict and pass --arch.", 2)
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
+            obj = quiet_torch_load(path, weights_only=False)
         except Exception as e:  # noqa: BLE001
-            raise CLIError(f"cannot load {path!r}: {type(e).__name__}: {e}") from None
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise CLIError(f"cannot load {path!r} with --trust ({type(e).__name__}: {first})") from None
         if not isinstance(obj, nn.Module):
             raise CLIError(f"{path!r} holds a {type(obj).__name__}, not an nn.Module")
         return obj, path
+    import torch
+
     if isinstance(obj, dict) and obj.get("format") == "fxbns-checkpoint":
         obj = obj["state_dict"]
     elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
@@ -177,15 +231,24 @@ def _load_model(args):
         raise CLIError(f"{path!r} is not a state_dict (a mapping of names to tensors)")
     if args.arch is None:
         raise CLIError(f"{path!r} is a state_dict: pass --arch (e.g. --arch torchvision:resnet18) to build the model", 2)
-    model = _build_arch(args.arch, args.num_classes)
     sd = {k: v for k, v in obj.items() if not k.startswith("_fxbns_virtual.")}
+    model = _build_arch(args.arch, args.num_classes)
+    kind = args.arch.split(":", 1)[0]
+    if kind in ("torchvision", "timm") and args.num_classes is None:
+        found = _classes_in(sd, kind, model)
+        if found is not None:
+            print(f"[fxbns] --num-classes {found[0]}: read from the state dict ({found[1]} has {found[0]} outputs)",
+                  file=sys.stderr)
+            model = _build_arch(args.arch, found[0])
     try:
         model.load_state_dict(sd)
     except RuntimeError as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        detail = "; ".join(lines[1:3])[:300]
-        raise CLIError(f"the state_dict in {path!r} does not fit {args.arch}: {detail}"
-                       + ("" if args.num_classes else " (a different --num-classes?)")) from None
+        detail = _misfit(sd, model)
+        if detail.startswith("0 missing keys, 0 unexpected keys") and "another shape" not in detail:
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            detail = "; ".join(lines[1:3])[:300]
+        hint = "; check --arch and --num-classes" if args.num_classes is not None else "; check --arch"
+        raise CLIError(f"the state_dict in {path!r} does not fit {args.arch}: {detail}{hint}") from None
     return model, f"{path} ({args.arch})"
 
 

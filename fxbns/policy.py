@@ -2,6 +2,39 @@
 
 Priority, lowest to highest: default < Conv->BN pairs < module type < module-name regex (ordered,
 first match wins) < exact module name < callable.  ``None`` or ``Exact()`` leaves a site as BatchNorm.
+A module name or a regex that names no BatchNorm site of the model is an error at :func:`fxbns.transform`,
+listing the closest site names.
+
+Policy files (JSON or YAML) hold the same rules (:meth:`Policy.to_dict`).  Any estimator in a file can name
+a preset instead of spelling out its fields, with fields to change beside it; a top-level ``preset`` is the
+policy the other keys start from::
+
+    preset: micro                  # start from the micro preset (its fs default and micro-batch regime)
+    default: {preset: fs}          # the fs preset's estimator: band, 1/16, per sample, exact below 2**19
+    module_name_regex:
+      - ['layer4\\..*', {preset: bs, min_elements: 0}]   # bs preset's estimator, sampling every layer
+    module_name:
+      bn1: {kind: exact}
+    micro_batch: {preset: micro, threshold: 2}
+
+``{kind: fs}`` is the :class:`~fxbns.FeatureSampling` class with its own defaults, not the fs preset.  The
+defaults, in one place:
+
+=====================  ==========================================================================
+spec                   defaults
+=====================  ==========================================================================
+``{kind: bs}``         ``ratio=0.125, min_samples=2, draw="block", min_elements=0``
+``{kind: fs}``         ``area_ratio=1/16, layout="patch", per_sample=False, min_elements=0``
+``{kind: vdn}``        ``num_samples=4, mix=1.0 (virtual rows only), distribution="normal"``
+``{kind: micro}``      ``threshold=4, estimator=vdn(num_samples=4, mix=0.5 with all real rows)``
+``{preset: bs}``       ``bs(ratio=0.125, min_samples=2, min_elements=2**18)``
+``{preset: fs}``       ``fs(area_ratio=1/16, layout="band", per_sample=True, min_elements=2**19)``
+``{preset: vdn}``      ``vdn(num_samples=4, mix=0.5, real=fs(band, 1/16, per_sample))``
+``{preset: micro}``    as an estimator, the fs preset's; as ``micro_batch``, ``micro(threshold=4)``
+``{preset: exact}``    ``exact``
+=====================  ==========================================================================
+
+``sample_backward`` is ``False`` everywhere unless set.
 
 >>> import torch
 >>> from fxbns import BatchSampling, Exact, Policy
@@ -10,6 +43,8 @@ first match wins) < exact module name < callable.  ``None`` or ``Exact()`` leave
 'bs'
 >>> p.spec_for("bn1", torch.nn.BatchNorm2d(4), producer="conv") is None
 True
+>>> Policy.from_dict({"default": {"preset": "fs", "min_elements": 0}}).default.describe()
+'fs(band, area=0.0625, per_sample)'
 """
 
 from __future__ import annotations
@@ -185,7 +220,8 @@ class Policy:
         return None if isinstance(spec, Exact) else spec
 
     def validate_names(self, site_names: list[str], module_names: list[str]) -> None:
-        """Raise ``ValueError`` for a ``set_module_name`` naming no BatchNorm site of the model."""
+        """Raise ``ValueError`` for a ``set_module_name`` naming no BatchNorm site of the model, or a
+        ``set_module_name_regex`` matching none (with the closest site names)."""
         known = set(site_names)
         for name in self.names:
             if name not in known:
@@ -194,6 +230,14 @@ class Policy:
                 hint = f"; closest BatchNorm names: {', '.join(close)}" if close else \
                     f"; its BatchNorms are e.g. {', '.join(site_names[:5])}"
                 raise ValueError(f"policy names module {name!r}, which {where}{hint}")
+        for pattern, _ in self.name_regexes:
+            if not any(re.fullmatch(pattern, n) for n in site_names):
+                probe = re.sub(r"\\(.)|[\^$*+?()\[\]{}|]", r"\1", pattern).replace("..", ".")
+                close = difflib.get_close_matches(probe, site_names, n=5, cutoff=0.3)
+                hint = f"closest BatchNorm names: {', '.join(close)}" if close else \
+                    f"its BatchNorms are e.g. {', '.join(site_names[:5]) or '(none)'}"
+                raise ValueError(f"policy module_name_regex {pattern!r} matches no BatchNorm site of this model "
+                                 f"(a regex must match the whole qualified name); {hint}")
 
     def specs(self) -> list[Any]:
         """Every estimator the policy sets: default, conv pairs, types, name regexes, names (not a callable's)."""
@@ -218,7 +262,7 @@ class Policy:
             d["module_name_regex"] = [[p, spec_to_dict(s)] for p, s in self.name_regexes]
         if self.names:
             d["module_name"] = {k: spec_to_dict(v) for k, v in self.names.items()}
-        if self.micro is not None:
+        if self.micro is not None or self.preset is not None:  # (null: no regime, even if the preset has one)
             d["micro_batch"] = spec_to_dict(self.micro)
         d["seed"] = self.seed
         if self.input_name is not None:
@@ -229,6 +273,17 @@ class Policy:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Policy:
+        """The policy a :meth:`to_dict` dict (or a policy file's content) describes.
+
+        Args:
+            d: the mapping; see the module docstring for the keys and the ``preset`` shorthand.
+
+        Returns:
+            The :class:`Policy`.
+
+        >>> Policy.from_dict({"preset": "micro", "micro_batch": {"preset": "micro", "threshold": 2}}).micro.threshold
+        2
+        """
         if not isinstance(d, dict):
             raise ValueError(f"a policy must be a mapping; got {type(d).__name__}")
         known = {"default", "conv_bn", "object_type", "module_name_regex", "module_name", "micro_batch", "seed",
@@ -236,20 +291,27 @@ class Policy:
         extra = set(d) - known
         if extra:
             raise ValueError(f"unknown policy keys {sorted(extra)}; allowed: {sorted(known)}")
-        p = cls(spec_from_dict(d.get("default")) if "default" in d else _FS_DEFAULT, seed=int(d.get("seed", 0)),
-                input_name=d.get("input"))
+        preset = d.get("preset")
+        if preset is not None:
+            p = cls.from_preset(preset)
+            p.seed, p.input_name = int(d.get("seed", p.seed)), d.get("input", p.input_name)
+            if "default" in d:
+                p.set_global(_spec(d["default"], "default"))
+        else:
+            p = cls(_spec(d["default"], "default") if "default" in d else _FS_DEFAULT, seed=int(d.get("seed", 0)),
+                    input_name=d.get("input"))
         if "conv_bn" in d:
-            p.set_conv_bn(spec_from_dict(d["conv_bn"]))
+            p.set_conv_bn(_spec(d["conv_bn"], "conv_bn"))
         for name, s in d.get("object_type", []):
             if name not in _TYPE_NAMES:
                 raise ValueError(f"unknown object_type {name!r}; use one of {sorted(_TYPE_NAMES)}")
-            p.set_object_type(_TYPE_NAMES[name], spec_from_dict(s))
+            p.set_object_type(_TYPE_NAMES[name], _spec(s, f"object_type {name}"))
         for pattern, s in d.get("module_name_regex", []):
-            p.set_module_name_regex(pattern, spec_from_dict(s))
+            p.set_module_name_regex(pattern, _spec(s, f"module_name_regex {pattern!r}"))
         for name, s in d.get("module_name", {}).items():
-            p.set_module_name(name, spec_from_dict(s))
-        if d.get("micro_batch") is not None:
-            p.set_micro_batch(spec_from_dict(d["micro_batch"]))
+            p.set_module_name(name, _spec(s, f"module_name {name!r}"))
+        if "micro_batch" in d:
+            p.set_micro_batch(_spec(d["micro_batch"], "micro_batch", micro=True))
         p.preset = d.get("preset")
         return p
 
@@ -300,6 +362,43 @@ class Policy:
             return f"Policy({self.to_dict()})"
         except ValueError:
             return f"Policy(default={self.default!r}, callable={self.fn!r})"
+
+
+def _spec(d: Any, where: str, micro: bool = False) -> Any:
+    """An estimator from a policy file entry: ``{kind: ..., fields}`` or ``{preset: name, fields to change}``."""
+    if not (isinstance(d, dict) and "preset" in d):
+        try:
+            return spec_from_dict(d)
+        except ValueError as e:
+            raise ValueError(f"policy {where}: {e}") from None
+    if "kind" in d:
+        raise ValueError(f"policy {where}: give 'kind' (a spec class with its own defaults) or 'preset' (a "
+                         f"preset's estimator), not both; got {d!r}")
+    name = d["preset"]
+    if name not in PRESETS:
+        close = difflib.get_close_matches(str(name), list(PRESETS), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ValueError(f"policy {where}: unknown preset {name!r}{hint}; presets: {', '.join(PRESETS)}")
+    base = Policy.from_preset(name)
+    spec = base.micro if micro else base.default
+    if micro and spec is None:
+        raise ValueError(f"policy {where}: preset {name!r} has no micro-batch regime; use {{preset: micro}} or "
+                         f"{{kind: micro, threshold: 4}}")
+    fields = {k: v for k, v in d.items() if k != "preset"}
+    if not fields:
+        return spec
+    if isinstance(spec, Exact):
+        raise ValueError(f"policy {where}: preset {name!r} has no fields to change; got {sorted(fields)}")
+    known = {f.name for f in dataclasses.fields(spec)}
+    bad = sorted(set(fields) - known)
+    if bad:
+        raise ValueError(f"policy {where}: {type(spec).__name__} (preset {name!r}) has no field "
+                         f"{', '.join(map(repr, bad))}; fields: {', '.join(sorted(known))}")
+    merged = {**spec_to_dict(spec), **fields}
+    try:
+        return spec_from_dict(merged)
+    except ValueError as e:
+        raise ValueError(f"policy {where}: {e}") from None
 
 
 class _Unset:

@@ -1,9 +1,19 @@
-"""Per-site report: one row per BatchNorm site, printable as a table, with ``to_dict()``.
+"""Per-site report: what each BatchNorm site computes in training at a given shape, and why.
 
->>> r = Report([{"name": "bn1", "producer": "conv", "shape": None, "estimator": "exact", "sample": None,
-...              "fraction": None, "reason": "policy: exact"}], mode="graph", opaque={})
->>> "bn1" in str(r)
-True
+Each row says whether the site *runs* sampled or exact statistics at its input shape (``runs``:
+``"sampled"``, ``"exact"``, or ``None`` when no shape is known), a short reason (``why``), the estimator the
+policy gave it, and how it is reached (``via``: ``"swap"``, the module replaced at its name and called by the
+model's own code; ``"graph"``, called from the traced forward; ``None``, left as it is).  ``str(report)``
+is a table that fits 100 columns: an estimator shared by several rows is printed once, in a legend; the
+full detail of every row is in :meth:`Report.to_dict`.
+
+>>> r = Report([{"name": "bn1", "shape": [8, 4, 2, 2], "estimator": "exact", "runs": "exact",
+...              "why": "policy: exact"}], mode="swap")
+>>> print(r)
+name  shape    runs   why
+----  -------  -----  -------------
+bn1   8x4x2x2  exact  policy: exact
+1 BatchNorm site: 0 sampled, 1 exact in training at these shapes; mode: swap
 """
 
 from __future__ import annotations
@@ -12,15 +22,30 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .estimators import BatchSampling, FeatureSampling, VirtualDataset
+from .estimators import BatchSampling, Exact, FeatureSampling, MicroBatch, VirtualDataset, layer_size
+from .ops.dispatch import speed_rule
 from .sampling import fs_fallback
 
-__all__ = ["Report", "sample_size"]
+__all__ = ["Report", "sample_size", "runs_at"]
+
+WIDTH = 100  # the table's target width in columns
 
 
 def sample_size(spec, shape: tuple[int, ...] | None) -> tuple[int | None, float | None]:
-    """(elements per channel used for the statistics, fraction of the real batch's elements)."""
-    if spec is None or shape is None or len(shape) < 2:
+    """Elements per channel a spec's statistics use at ``shape``, and their fraction of the batch's elements.
+
+    Args:
+        spec: an estimator spec (``None`` or :class:`~fxbns.Exact`: every element).
+        shape: the site's input shape ``(N, C, ...)`` (real rows), or ``None``.
+
+    Returns:
+        ``(elements, fraction)``, or ``(None, None)`` without a shape.
+
+    >>> from fxbns import BatchSampling
+    >>> sample_size(BatchSampling(ratio=0.25), (16, 8, 4, 4))
+    (64, 0.25)
+    """
+    if shape is None or len(shape) < 2:
         return None, None
     N = shape[0]
     spatial = tuple(shape[2:])
@@ -43,18 +68,99 @@ def sample_size(spec, shape: tuple[int, ...] | None) -> tuple[int | None, float 
     return total, 1.0
 
 
+def runs_at(spec, micro: MicroBatch | None, shape: tuple[int, ...] | None, *, eager_rules: bool = True,
+            is_cpu: bool = True) -> tuple[str | None, Any, str]:
+    """What a site with ``spec`` (and the policy's micro-batch regime) computes in training at ``shape``.
+
+    Args:
+        spec: the site's estimator (``None`` or :class:`~fxbns.Exact`: exact statistics).
+        micro: the micro-batch regime of the site, or ``None``.
+        shape: the site's input shape (real rows), or ``None`` when unknown.
+        eager_rules: apply the eager CPU rule (maps of 2-4 elements run exact; a module site without a virtual
+            batch in eager mode).
+        is_cpu: whether the site's tensors are on the CPU (the eager rule is measured there only).
+
+    Returns:
+        ``(runs, active_spec, why)``: ``runs`` is ``"sampled"``, ``"exact"`` or ``None`` (no shape).
+
+    >>> from fxbns import FeatureSampling
+    >>> runs_at(FeatureSampling(min_elements=2 ** 19), None, (8, 64, 16, 16))[::2]
+    ('exact', 'under min_elements (131072 < 524288)')
+    """
+    if shape is None:
+        return None, spec, "no shape: pass example_inputs"
+    n = shape[0]
+    if micro is not None and n <= micro.threshold:
+        est = micro.estimator
+        return "sampled", est, f"micro-batch (batch {n} <= {micro.threshold}): +{est.num_samples} virtual rows"
+    if spec is None or isinstance(spec, Exact):
+        return "exact", None, "policy: exact"
+    if isinstance(spec, VirtualDataset):
+        return "sampled", spec, f"+{spec.num_samples} virtual rows" + ("" if spec.mix == 1 else f", mix {spec.mix:g}")
+    device = "cpu" if is_cpu else "cuda"
+    from .modules import exact_in_eager, exact_reason
+
+    why = exact_reason(spec, tuple(shape), device)
+    if why is not None:
+        if why.startswith("below"):
+            t = spec.min_elements if spec.min_elements is not None else speed_rule(device).min_elements(spec.kind)
+            why = f"under min_elements ({layer_size(shape, device)} < {t})"
+        return "exact", spec, why
+    if eager_rules and spec.min_elements != 0 and exact_in_eager(spec, tuple(shape), device):
+        return "exact", spec, "2-4 element maps: exact is faster (eager CPU)"
+    s, frac = sample_size(spec, shape)
+    return "sampled", spec, f"{s} of {round(s / frac)} values ({100 * frac:.1f}%)"
+
+
+def _clip(s: str, w: int) -> str:
+    return s if len(s) <= w else s[: max(1, w - 1)] + "~"
+
+
 @dataclass
 class Report:
+    """One row per BatchNorm site (dicts, see the module docstring), and what the whole model does.
+
+    Attributes:
+        rows: per-site dicts; keys include ``name``, ``shape``, ``estimator``, ``runs``, ``why``, ``via``,
+            ``reason`` (every note), ``exact_below_batch``, ``sample`` and ``fraction``.
+        mode: ``"swap"`` (the model's own forward runs; BatchNorm modules swapped in place) or ``"graph"``
+            (the model's class keeps its methods, its forward runs the traced graph: functional sites or a
+            virtual batch need it).
+        opaque: submodules traced as leaves, and why.
+        root_error: why the root's forward could not be traced (then ``mode`` is ``"swap"``).
+        virtual: the virtual batch (VDN, micro-batch), if any.
+        micro: the policy's micro-batch regime, if any.
+    """
+
     rows: list[dict[str, Any]]
-    mode: str  # "graph" (traced) or "swap" (root not traceable: modules swapped in place)
+    mode: str
     opaque: dict[str, str] = field(default_factory=dict)
     root_error: str | None = None
     virtual: str | None = None
     micro: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """Everything in the report as plain data (JSON-able but for ``spec`` objects).
+
+        Returns:
+            ``{"mode", "opaque", "root_error", "virtual", "micro", "summary", "sites"}``.
+
+        >>> Report([], mode="swap").to_dict()["summary"]
+        {'sites': 0, 'sampled': 0, 'exact': 0, 'unknown': 0}
+        """
         return {"mode": self.mode, "opaque": dict(self.opaque), "root_error": self.root_error,
-                "virtual": self.virtual, "micro": self.micro, "sites": [dict(r) for r in self.rows]}
+                "virtual": self.virtual, "micro": self.micro, "summary": self.counts(),
+                "sites": [dict(r) for r in self.rows]}
+
+    def counts(self) -> dict[str, int]:
+        """Sites by what they run at the report's shapes.
+
+        Returns:
+            ``{"sites", "sampled", "exact", "unknown"}`` (unknown: no shape known).
+        """
+        runs = [r.get("runs") for r in self.rows]
+        return {"sites": len(runs), "sampled": runs.count("sampled"), "exact": runs.count("exact"),
+                "unknown": runs.count(None)}
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -63,31 +169,50 @@ class Report:
         return iter(self.rows)
 
     def __str__(self) -> str:
-        cols = ["name", "producer", "shape", "estimator", "sample", "reason"]
+        ests = [r.get("estimator", "exact") for r in self.rows]
+        distinct = list(dict.fromkeys(e for e in ests if e != "exact"))
+        legend = {e: chr(ord("A") + i) if i < 26 else str(i) for i, e in enumerate(distinct)}
+        vias = {r.get("via") for r in self.rows}
+        cols = ["name"] + (["via"] if len(vias) > 1 else []) + ["shape"] + (["est"] if len(distinct) > 1 else []) \
+            + ["runs", "why"]
         table = []
         for r in self.rows:
-            shape = "x".join(map(str, r["shape"])) if r.get("shape") else "?"
-            sample = "-" if r.get("sample") is None else f"{r['sample']} ({100 * r['fraction']:.1f}%)"
-            table.append([r["name"], r["producer"], shape, r["estimator"], sample, r.get("reason") or ""])
-        widths = [max(len(c), *(len(str(t[i])) for t in table)) if table else len(c) for i, c in enumerate(cols)]
+            cell = {"name": r["name"], "via": r.get("via") or "-",
+                    "shape": "x".join(map(str, r["shape"])) if r.get("shape") else "?",
+                    "est": legend.get(r.get("estimator", "exact"), "-"), "runs": r.get("runs") or "?",
+                    "why": r.get("why") or ""}
+            table.append([cell[c] for c in cols])
+        widths = [max([len(c)] + [len(t[i]) for t in table]) for i, c in enumerate(cols)]
+        used = sum(widths[:-1]) + 2 * (len(cols) - 1)
+        widths[-1] = max(12, min(widths[-1], WIDTH - used))
         lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip(),
                  "  ".join("-" * w for w in widths)]
-        lines += ["  ".join(str(v).ljust(w) for v, w in zip(t, widths)).rstrip() for t in table]
-        n_sampled = sum(1 for r in self.rows if r["estimator"] != "exact")
-        lines.append(f"{len(self.rows)} BatchNorm sites, {n_sampled} sampled, {len(self.rows) - n_sampled} exact; "
-                     f"mode: {self.mode}")
-        small = sum(1 for r in self.rows if (r.get("exact_below_batch") or 0) > 1)
+        lines += ["  ".join(_clip(v, w).ljust(w) for v, w in zip(t, widths)).rstrip() for t in table]
+        c = self.counts()
+        unknown = f", {c['unknown']} without a shape" if c["unknown"] else ""
+        lines.append(f"{c['sites']} BatchNorm site{'s' if c['sites'] != 1 else ''}: {c['sampled']} sampled, "
+                     f"{c['exact']} exact{unknown} in training at these shapes; mode: {self.mode}"
+                     + (f" (all via {next(iter(vias))})" if len(vias) == 1 and None not in vias
+                        and self.mode == "graph" else ""))
+        if len(distinct) == 1:
+            lines.append(f"estimator: {distinct[0]}" + (" (sites not marked exact by the policy)"
+                                                       if "exact" in ests else ""))
+        elif distinct:
+            lines += [f"est {legend[e]}: {e}" for e in distinct]
+        small = sorted({r["exact_below_batch"] for r in self.rows if (r.get("exact_below_batch") or 0) > 1})
         if small:
-            lines.append(f"{small} sampled sites keep exact statistics at small batches (min_elements): "
-                         f"see 'exact below batch' in their reason")
+            n_small = sum(1 for r in self.rows if (r.get("exact_below_batch") or 0) > 1)
+            lines.append(f"{n_small} sites keep exact statistics at small batches (min_elements): sampled from "
+                         f"batch {small[0]}" + (f" to {small[-1]}" if len(small) > 1 else "")
+                         + " on; 'exact_below_batch' in to_dict()")
         if self.virtual:
             lines.append(f"virtual batch: {self.virtual}")
         if self.micro:
             lines.append(f"micro-batch: {self.micro}")
         for k, v in self.opaque.items():
-            lines.append(f"opaque subtree {k!r}: {v}")
+            lines.append(_clip(f"opaque subtree {k!r}: {v}", WIDTH))
         if self.root_error:
-            lines.append(f"root not traceable ({self.root_error}); BatchNorm modules swapped in place")
+            lines.append(_clip(f"root not traceable ({self.root_error}); BatchNorm modules swapped in place", WIDTH))
         return "\n".join(lines)
 
     __repr__ = __str__

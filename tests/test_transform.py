@@ -194,9 +194,9 @@ def test_detection_model_taking_a_list():
 def test_linear_bn1d_mlp_and_flat_fs_fallback():
     m = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
     x = torch.randn(32, 8)
-    gm = fxbns.transform(m, "fs", example_inputs=x)
+    gm = fxbns.transform(m, every_layer("fs"), example_inputs=x)
     row = fxbns.report(gm).rows[0]
-    assert row["producer"] == "linear" and row["shape"] == [32, 16]
+    assert row["producer"] == "linear" and row["shape"] == [32, 16] and row["runs"] == "sampled"
     assert row["sample"] == 2 and row["fraction"] == pytest.approx(1 / 16)  # FS on (N, C) -> 1/16 of the rows
     assert "falls back to bs(ratio=0.0625)" in row["reason"]
     m.eval()
@@ -331,10 +331,16 @@ def test_sample_backward_warns_at_transform():
 
 
 def test_code_shows_estimators_and_report_table():
-    gm = fxbns.transform(torchvision.models.resnet18(num_classes=4),
-                         Policy.from_preset("fs").set_module_name("bn1", BatchSampling()))
-    assert "bn1__bs = self.bn1(conv1)" in gm.code
-    assert "layer1_0_bn1__fs_band" in gm.code
+    from fxbns.passes.forward import graph_code
+
+    pol = Policy.from_preset("fs").set_module_name("bn1", BatchSampling())
+    gm = fxbns.transform(torchvision.models.resnet18(num_classes=4), pol)
+    assert graph_code(gm) is None and fxbns.report(gm).mode == "swap"  # a module swap suffices: its own forward
+    # a micro-batch regime needs the traced graph (the virtual batch): the forward runs its code
+    gm = fxbns.transform(torchvision.models.resnet18(num_classes=4), pol.set_micro_batch(MicroBatch(threshold=2)))
+    code = graph_code(gm)
+    assert "bn1__bs = self.bn1(conv1, n_real)" in code
+    assert "layer1_0_bn1__fs_band" in code
     text = str(fxbns.report(gm))
     assert "fs(band" in text and "20 BatchNorm sites" in text
     d = fxbns.report(gm).to_dict()

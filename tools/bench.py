@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmarks: print a table and write a JSON record (bench-results/<mode>-<time>.json).
+"""Benchmarks: print a table and write a JSON record (out/bench/<mode>-<time>.json, git-ignored).
 
     python tools/bench.py layer   # nn.BatchNorm2d vs each estimator, per BN shape (fwd+bwd and fwd-only)
     python tools/bench.py train   # per-step training time, original vs transformed model
@@ -98,8 +98,8 @@ def _geomean(v):
 
 
 def _write(mode: str, record: dict, out: str | None) -> str:
-    folder = ROOT / "bench-results"
-    folder.mkdir(exist_ok=True)
+    folder = ROOT / "out" / "bench"
+    folder.mkdir(parents=True, exist_ok=True)
     path = out or str(folder / f"{mode}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     with open(path + ".tmp", "w") as f:
         json.dump(record, f, indent=2)
@@ -508,7 +508,7 @@ def main() -> int:
     ap.add_argument("--device", default="cuda" if os.environ.get("FXBNS_BENCH_CUDA") else "cpu")
     ap.add_argument("--pairs", type=int, default=10, help="interleaved A/B pairs (default 10)")
     ap.add_argument("--allocator", choices=["tuned", "default"], default="tuned")
-    ap.add_argument("--out", help="JSON record path (default bench-results/<mode>-<time>.json)")
+    ap.add_argument("--out", help="JSON record path (default out/bench/<mode>-<time>.json, git-ignored)")
     ap.add_argument("--quick", action="store_true", help="layer: 4 shapes only")
     ap.add_argument("--shapes", default="paper", help="layer: 'paper' (ResNet-50 b64 and CIFAR ResNet b128 BN "
                     "shapes) or a train-bench model name (its BN shapes, and the per-step total)")
