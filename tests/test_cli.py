@@ -16,12 +16,14 @@ import torchvision
 import fxbns
 
 ROOT = Path(__file__).resolve().parents[1]
+# every test here runs the CLI in subprocesses: a hang fails after 300 s (pytest-timeout), each run after 240 s
+pytestmark = pytest.mark.timeout(300)
 
 
 def run(*args, cwd=None, warnings="ignore", prefix=()):
     env = dict(os.environ, PYTHONWARNINGS=warnings)
     return subprocess.run([*prefix, sys.executable, str(ROOT / "tools" / "rewrite.py"), *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+                          capture_output=True, text=True, cwd=cwd, env=env, timeout=240)
 
 
 def unprivileged():
