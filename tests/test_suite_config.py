@@ -1,6 +1,5 @@
 """The suite's own machinery: Hypothesis profiles and the hang timeout."""
 
-import pytest
 from conftest import hypothesis_profile
 from hypothesis import settings
 
