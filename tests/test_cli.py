@@ -62,7 +62,7 @@ def test_default_model_all_outputs(tmp_path):
     with torch.no_grad():
         np.testing.assert_allclose(y, gm(x).numpy(), rtol=1e-4, atol=1e-4)
     assert "onnxruntime" in p.stdout and "max relative error" in p.stdout
-    assert "done in" in p.stderr  # progress for the slow export step
+    assert "[fxbns] exporting ONNX and checking it in onnxruntime ..." in p.stderr  # progress (test_progress_lines)
     assert sorted(os.listdir(tmp_path)) == ["ck.pt", "m.onnx", "r.json"]  # no temporaries left
 
 
@@ -141,6 +141,20 @@ def test_corrupt_file_and_existing_output_kept(tmp_path):
     assert (ro / "ck.pt").read_bytes() == b"old checkpoint"
     assert keep.read_bytes() == b"keep me\n"  # nor the report, whose folder is writable
     assert sorted(os.listdir(tmp_path)) == ["bad.pt", "r.json", "ro"] and os.listdir(ro) == ["ck.pt"]
+
+
+def test_progress_lines(monkeypatch, capsys):
+    """Each step announces itself; one that took over a second also says how long (the clock is forced here)."""
+    from fxbns import cli
+
+    clock = iter([10.0, 12.5, 20.0, 20.4])
+    monkeypatch.setattr(cli.time, "perf_counter", lambda: next(clock))
+    with cli._step("exporting"):
+        pass
+    with cli._step("planning"):
+        pass
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["[fxbns] exporting ...", "[fxbns] exporting: done in 2.5 s", "[fxbns] planning ..."]
 
 
 def test_debug_shows_traceback(tmp_path):
