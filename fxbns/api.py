@@ -555,6 +555,9 @@ def load(path: str | os.PathLike, model: nn.Module, *, example_inputs=None) -> n
 
     Returns:
         The transformed model holding the saved state (see :func:`save` for an example).
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for a file that is not an fxbns
+    checkpoint or whose state does not fit ``model``.
     """
     from ._io import quiet_torch_load
     try:
@@ -567,6 +570,12 @@ def load(path: str | os.PathLike, model: nn.Module, *, example_inputs=None) -> n
         raise ValueError(f"{os.fspath(path)!r} is not an fxbns checkpoint (fxbns.save writes those)")
     gm = transform(model, Policy.from_dict(payload["policy"]), example_inputs=example_inputs,
                    leaf_modules=tuple(payload.get("leaf_modules", ())))
-    gm.load_state_dict(payload["state_dict"])
+    try:
+        gm.load_state_dict(payload["state_dict"])
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        raise ValueError(f"the checkpoint {os.fspath(path)!r} does not fit this {type(model).__name__}: "
+                         f"{'; '.join(lines[1:3])[:400]}. Pass the architecture (and settings such as num_classes) "
+                         f"the checkpoint was saved from") from None
     return gm
 

@@ -14,6 +14,7 @@ import contextlib
 import copy
 import io
 import os
+import re
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -98,7 +99,8 @@ def _export(model: nn.Module, args: tuple, path: str, dynamic_batch: bool, opset
             torch.onnx.export(model, args, path, dynamo=True, dynamic_shapes=dyn, external_data=False, **kw)
         return "dynamo", None
     except Exception as e:  # noqa: BLE001 - fall back to the TorchScript exporter, and say so
-        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # the exporter colours its messages for a terminal
+        reason = f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:300]
     names = [f"input_{i}" for i in range(len(args))]
     dyn_axes = {names[0]: {0: "batch"}} if dynamic_batch else None
     if dyn_axes is not None:
@@ -113,8 +115,10 @@ def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, fo
     """Export the eval-mode inference model to ONNX (``torch.onnx.export(..., dynamo=True)``).
 
     ``model``: a transformed GraphModule or any module (not changed).  ``fold``: fold Conv->BN pairs
-    first.  ``verify``: compare onnxruntime with PyTorch eval on random inputs at two batch sizes (max
-    relative error <= 1e-4, else ``ValueError``).  If the dynamo exporter fails, the TorchScript
+    first.  ``dynamic_batch``: a dynamic first axis (``False``: the example's batch size, fixed).  ``opset``: the
+    ONNX opset (``None``: the exporter's default).  ``verify``: compare onnxruntime with PyTorch eval on random
+    inputs, at batch 1 and a larger batch (a fixed batch: at its size), max relative error <= 1e-4, else
+    ``ValueError`` (``False``: no check; ``max_error`` is ``None``).  If the dynamo exporter fails, the TorchScript
     exporter is used and ``exporter``/``fallback_reason`` say so.  The file is written atomically.
     """
     import onnx
@@ -148,8 +152,9 @@ def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, fo
         if verify:
             max_err = 0.0
             x0 = args[0]
-            for b in (1, max(3, x0.shape[0] + 1) if dynamic_batch else x0.shape[0]):
-                x = torch.randn((b,) + tuple(x0.shape[1:]), dtype=x0.dtype) if dynamic_batch else torch.randn_like(x0)
+            # a dynamic axis is checked at batch 1 and at one larger than the example's; a fixed one at the example's
+            for b in ((1, max(3, x0.shape[0] + 1)) if dynamic_batch else (x0.shape[0],)):
+                x = torch.randn((b,) + tuple(x0.shape[1:]), dtype=x0.dtype)
                 feed_args = (x,) + args[1:]
                 with torch.no_grad():
                     ref = _to_numpy_outputs(ref_model(*feed_args))
@@ -158,9 +163,7 @@ def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, fo
                 for r, g in zip(ref, got):
                     scale = max(float(abs(r).max()), 1e-12)
                     max_err = max(max_err, float(abs(r - g).max()) / scale)
-                checked.append(b)
-                if not dynamic_batch:
-                    break
+                checked.append(int(b))
             if max_err > 1e-4:
                 raise ValueError(f"onnxruntime output differs from PyTorch eval by {max_err:.2e} (relative) > 1e-4; "
                                  f"the ONNX file was not written")

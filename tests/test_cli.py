@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,12 +16,24 @@ import torchvision
 import fxbns
 
 ROOT = Path(__file__).resolve().parents[1]
+# every test here runs the CLI in subprocesses: a hang fails after 300 s (pytest-timeout), each run after 240 s
+pytestmark = pytest.mark.timeout(300)
 
 
-def run(*args, cwd=None, warnings="ignore"):
+def run(*args, cwd=None, warnings="ignore", prefix=()):
     env = dict(os.environ, PYTHONWARNINGS=warnings)
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "rewrite.py"), *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+    return subprocess.run([*prefix, sys.executable, str(ROOT / "tools" / "rewrite.py"), *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, env=env, timeout=240)
+
+
+def unprivileged():
+    """A command prefix under which a folder's permission bits bind: none for a normal user; for root (as in
+    CI containers) ``setpriv`` dropping the capabilities that override them.  ``None`` where neither works."""
+    if os.geteuid() != 0:
+        return ()
+    if shutil.which("setpriv") is None:
+        return None
+    return ("setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--")
 
 
 def _one_error_line(p):
@@ -49,7 +62,7 @@ def test_default_model_all_outputs(tmp_path):
     with torch.no_grad():
         np.testing.assert_allclose(y, gm(x).numpy(), rtol=1e-4, atol=1e-4)
     assert "onnxruntime" in p.stdout and "max relative error" in p.stdout
-    assert "done in" in p.stderr  # progress for the slow export step
+    assert "[fxbns] exporting ONNX and checking it in onnxruntime ..." in p.stderr  # progress (test_progress_lines)
     assert sorted(os.listdir(tmp_path)) == ["ck.pt", "m.onnx", "r.json"]  # no temporaries left
 
 
@@ -101,23 +114,47 @@ def test_errors_are_one_clear_line(tmp_path, args, code, needle):
 def test_corrupt_file_and_existing_output_kept(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"\x00not a torch file at all")
-    p = run(bad, "--arch", "torchvision:resnet18")
+    keep = tmp_path / "r.json"
+    keep.write_bytes(b"keep me\n")
+    # a failing run whose output exists: the model cannot be read, the existing report is untouched
+    p = run(bad, "--arch", "torchvision:resnet18", "--report", keep)
     assert p.returncode == 1 and "not a PyTorch file or corrupt" in _one_error_line(p)
-    # an unwritable output: refused before any work, existing files untouched
+    assert keep.read_bytes() == b"keep me\n"
+    # an unwritable output folder: refused before any work, its existing file and the other outputs untouched
+    prefix = unprivileged()
+    if prefix is None:
+        pytest.skip("running as root without setpriv: folder permissions do not bind")
     ro = tmp_path / "ro"
     ro.mkdir()
-    (ro / "r.json").write_text("keep me")
+    (ro / "ck.pt").write_bytes(b"old checkpoint")
     ro.chmod(0o555)
     try:
-        if os.access(ro, os.W_OK):  # running as root: permissions do not bind, use a path under a file
-            p = run("--report", tmp_path / "bad.pt" / "r.json")
-            assert p.returncode == 1 and "does not exist" in _one_error_line(p)
-        else:
-            p = run("--report", ro / "r.json")
-            assert p.returncode == 1 and "not writable" in _one_error_line(p)
+        probe = subprocess.run([*prefix, sys.executable, "-c", f"import os; print(os.access({str(ro)!r}, os.W_OK))"],
+                               capture_output=True, text=True, timeout=60)
+        assert probe.stdout.strip() == "False", probe  # the folder really is read-only for the CLI
+        p = run("--report", keep, "--out", ro / "ck.pt", prefix=prefix)
+        assert p.returncode == 1, p.stderr
+        line = _one_error_line(p)
+        assert "--out" in line and "not writable" in line
     finally:
         ro.chmod(0o755)
-    assert (ro / "r.json").read_text() == "keep me"
+    assert (ro / "ck.pt").read_bytes() == b"old checkpoint"
+    assert keep.read_bytes() == b"keep me\n"  # nor the report, whose folder is writable
+    assert sorted(os.listdir(tmp_path)) == ["bad.pt", "r.json", "ro"] and os.listdir(ro) == ["ck.pt"]
+
+
+def test_progress_lines(monkeypatch, capsys):
+    """Each step announces itself; one that took over a second also says how long (the clock is forced here)."""
+    from fxbns import cli
+
+    clock = iter([10.0, 12.5, 20.0, 20.4])
+    monkeypatch.setattr(cli.time, "perf_counter", lambda: next(clock))
+    with cli._step("exporting"):
+        pass
+    with cli._step("planning"):
+        pass
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["[fxbns] exporting ...", "[fxbns] exporting: done in 2.5 s", "[fxbns] planning ..."]
 
 
 def test_debug_shows_traceback(tmp_path):

@@ -349,12 +349,19 @@ def test_code_shows_estimators_and_report_table():
 
 def test_explain_does_not_change_the_model():
     m = torchvision.models.resnet18(num_classes=4)
+    m.train()
+    # every module by name: the same object, the same type, the same mode; every tensor: the same values
+    before_mods = {n: (id(x), type(x), x.training) for n, x in m.named_modules()}
     before = {k: v.clone() for k, v in m.state_dict().items()}
+    hooks = {n: (dict(x._forward_hooks), dict(x._forward_pre_hooks)) for n, x in m.named_modules()}
     rep = fxbns.explain(m, "vdn", torch.randn(2, 3, 32, 32))
-    assert all(isinstance(x, nn.BatchNorm2d) for x in m.modules() if "bn" in type(x).__name__.lower())
+    assert {n: (id(x), type(x), x.training) for n, x in m.named_modules()} == before_mods
+    assert sum(type(x) is nn.BatchNorm2d for x in m.modules()) == 20  # the plain BatchNorms are all still there
+    assert set(m.state_dict()) == set(before)
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
-    assert rep.rows[0]["shape"] == [2, 64, 16, 16]
-    assert not hasattr(m, "_fxbns_virtual")
+    assert {n: (dict(x._forward_hooks), dict(x._forward_pre_hooks)) for n, x in m.named_modules()} == hooks
+    assert rep.rows[0]["shape"] == [2, 64, 16, 16] and len(rep.rows) == 20
+    assert not hasattr(m, "_fxbns_virtual") and getattr(m, "_fxbns", None) is None
 
 
 def test_revert_save_load(tmp_path):
