@@ -9,8 +9,9 @@ import yaml
 from torch import nn
 
 from fxbns import PRESETS, BatchSampling, Exact, FeatureSampling, MicroBatch, Policy, VirtualDataset
-from fxbns.estimators import MAP_FLOOR, layer_size, spec_from_dict, spec_to_dict
-from fxbns.policy import FS_PRESET_MIN_ELEMENTS, PRESET_MIN_ELEMENTS, resolve_policy
+from fxbns.estimators import layer_size, spec_from_dict, spec_to_dict
+from fxbns.ops.dispatch import speed_rule
+from fxbns.policy import resolve_policy
 
 BS, FS, VDN = BatchSampling(ratio=0.5), FeatureSampling(patch=(2, 2)), VirtualDataset(num_samples=2)
 
@@ -81,12 +82,12 @@ def test_setters_chain_and_validate():
     assert p.set_micro_batch(None).micro is None
     with pytest.raises(TypeError, match="on must be True or False, got 1"):
         p.set_sample_backward(1)
-    with pytest.raises(ValueError, match="min_elements must be an integer >= 0"):
+    with pytest.raises(ValueError, match="min_elements must be None .* or an integer >= 0"):
         p.set_min_elements(-1)
     with pytest.raises(ValueError, match="min_elements"):
         p.set_min_elements(True)
     assert Policy().default == FeatureSampling(area_ratio=1 / 16, layout="band", per_sample=True,
-                                               min_elements=FS_PRESET_MIN_ELEMENTS)
+                                               min_elements=None)
     assert Policy(seed="4").seed == 4 and Policy().micro is None and Policy().input_name is None
 
 
@@ -177,11 +178,10 @@ def test_save_load_files(tmp_path, ext):
 def test_presets():
     assert list(PRESETS) == ["exact", "bs", "fs", "vdn", "micro"]
     assert Policy.from_preset("exact").default == Exact()
-    assert Policy.from_preset("bs").default == BatchSampling(ratio=0.125, min_samples=2,
-                                                             min_elements=PRESET_MIN_ELEMENTS)
-    assert PRESET_MIN_ELEMENTS == 2 ** 18 and FS_PRESET_MIN_ELEMENTS == 2 ** 19
+    assert Policy.from_preset("bs").default == BatchSampling(ratio=0.125, min_samples=2, min_elements=None)
+    assert speed_rule("cpu").min_elements("bs") == 2 ** 18 and speed_rule("cpu").min_elements("fs") == 2 ** 19
     fs = Policy.from_preset("fs").default
-    assert fs == FeatureSampling(area_ratio=1 / 16, layout="band", per_sample=True, min_elements=2 ** 19)
+    assert fs == FeatureSampling(area_ratio=1 / 16, layout="band", per_sample=True, min_elements=None)
     vdn = Policy.from_preset("vdn").default
     assert vdn == VirtualDataset(num_samples=4, mix=0.5, real=FeatureSampling(area_ratio=1 / 16, layout="band",
                                                                               per_sample=True))
@@ -225,7 +225,7 @@ def test_resolve_policy_forms(tmp_path, monkeypatch):
 
 # -- estimator arithmetic ------------------------------------------------------------------------------------------
 def test_layer_size():
-    assert MAP_FLOOR == 16
+    assert speed_rule("cpu").map_floor == 16
     assert layer_size((4, 3)) == 12 and layer_size((4,)) == 4  # no map: one element per plane
     assert layer_size((4, 3, 1, 1)) == 12  # a 1x1 map counts as 1
     assert layer_size((4, 3, 1, 2)) == 4 * 3 * 16 and layer_size((4, 3, 3, 5)) == 4 * 3 * 16  # 2..15 count as 16
@@ -298,8 +298,8 @@ def test_defaults():
     (lambda: BatchSampling(ratio=-0.1), "BatchSampling.ratio must be a number in (0, 1]; got -0.1"),
     (lambda: BatchSampling(min_samples=True), "BatchSampling.min_samples must be an integer >= 1; got True"),
     (lambda: BatchSampling(min_samples=1.5), "min_samples"),
-    (lambda: BatchSampling(min_elements=2.0), "BatchSampling.min_elements must be an integer >= 0 (0: sample every "
-                                              "layer); got 2.0"),
+    (lambda: BatchSampling(min_elements=2.0), "BatchSampling.min_elements must be None (the device's speed rule) or "
+                                              "an integer >= 0 (0: sample every layer); got 2.0"),
     (lambda: FeatureSampling(patch=()), "FeatureSampling.patch must be a tuple of positive integers"),
     (lambda: FeatureSampling(patch=(2, True)), "patch"),
     (lambda: FeatureSampling(patch=(2.0, 2)), "patch"),
