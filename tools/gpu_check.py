@@ -169,7 +169,7 @@ def bench_steps(args, device) -> list[dict]:
                 opt = torch.optim.SGD(model.parameters(), lr=0.01)
                 fn = torch.compile(model) if mode == "compiled" else model
 
-                def step(fn=fn, opt=opt):
+                def step(fn=fn, opt=opt, x=x, t=t):
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                         loss = nn.functional.cross_entropy(fn(x), t)
                     loss.backward()
