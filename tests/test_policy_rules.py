@@ -398,3 +398,11 @@ def test_close_name_suggestions_list_up_to_five():
         Policy().set_module_name("abcdxyzw", None).validate_names(["abcdefgh"], ["abcdefgh"])
     with pytest.raises(ValueError, match=r"\(did you mean fs, bs\?\)"):
         Policy.from_preset("fbs")
+
+
+def test_an_unset_conv_rule_prints_as_unset():
+    assert repr(Policy().conv_bn) == "<unset>" and "conv_bn" not in Policy().to_dict()
+
+
+def test_set_sample_backward_turns_it_on_by_default():
+    assert Policy(BS).set_sample_backward().default.sample_backward is True
