@@ -178,3 +178,11 @@ def test_feature_sampling_seeds_and_layers_differ():
             r, c = divmod(v - 4.5, 8)
             assert v - 4.5 == int(v - 4.5) and 0 <= r <= 6 and 0 <= c <= 6
 
+
+
+def test_site_seed():
+    from fxbns.modules import site_seed
+
+    assert site_seed("a.bn", 0) == site_seed("a.bn", 0)
+    assert len({site_seed("a.bn", 0), site_seed("b.bn", 0), site_seed("a.bn", 1)}) == 3
+    assert all(0 <= site_seed(n, s) < 2 ** 31 - 1 for n in ("", "x", "layer4.1.bn2") for s in (0, 1, 10 ** 9))

@@ -132,3 +132,12 @@ def test_verify_false_skips_the_check(tmp_path):
     assert not (tmp_path / "noisy.onnx").exists()
     r = fxbns.export_onnx(Noisy(), torch.randn(2, 3, 8, 8), tmp_path / "noisy.onnx", fold=False, verify=False)
     assert r.max_error is None and (tmp_path / "noisy.onnx").exists()
+
+
+def test_ort_providers():
+    from fxbns.export import ort_providers
+
+    got = ort_providers()
+    assert got[-1] == "CPUExecutionProvider"
+    cuda = torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers()
+    assert got == (["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"])

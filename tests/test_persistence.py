@@ -131,3 +131,11 @@ def test_module_swap_mode_with_vdn_save_load_revert(tmp_path):
     gm.train()
     rows = _rows_seen(gm.bn)
     assert gm(x).shape[0] == 3 and rows == [3 + 4]
+
+
+def test_checkpoint_records_the_version_and_leaf_modules(tmp_path):
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    fxbns.save(fxbns.transform(m, "bs", leaf_modules=("0",)), tmp_path / "ck.pt")
+    ck = torch.load(tmp_path / "ck.pt", weights_only=True)
+    assert ck["fxbns_version"] == fxbns.__version__ and ck["leaf_modules"] == ["0"]
+    assert fxbns.report(fxbns.load(tmp_path / "ck.pt", m)).rows[0]["name"] == "1"

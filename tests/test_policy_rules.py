@@ -352,3 +352,57 @@ def test_spec_dicts():
         spec_from_dict({"kind": "bn"})
     with pytest.raises(ValueError, match="bad fields for estimator 'fs'"):
         spec_from_dict({"kind": "fs", "size": 3})
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: BatchSampling(sample_backward=1), "BatchSampling.sample_backward must be True or False; got 1"),
+    (lambda: BatchSampling(draw="x"), "BatchSampling.draw must be 'block' or 'random'; got 'x'"),
+    (lambda: FeatureSampling(patch=(0,)), "FeatureSampling.patch must be a tuple of positive integers, e.g. (4, 4); "
+                                          "got (0,)"),
+    (lambda: FeatureSampling(patch=(2, 2), area_ratio=0.5),
+     "FeatureSampling.area_ratio must be None when patch is given (give one of the two); got 0.5"),
+    (lambda: FeatureSampling(layout="x"), "FeatureSampling.layout must be 'patch', 'grid' or 'band'; got 'x'"),
+    (lambda: FeatureSampling(sample_backward=2), "FeatureSampling.sample_backward must be True or False; got 2"),
+    (lambda: VirtualDataset(distribution="u"), "VirtualDataset.distribution must be 'normal' or 'data'; got 'u'"),
+    (lambda: VirtualDataset(real=Exact()), "VirtualDataset.real must be None, BatchSampling or FeatureSampling; "
+                                           "got Exact()"),
+    (lambda: MicroBatch(estimator=BatchSampling()), "MicroBatch.estimator must be a VirtualDataset; got BatchSampling("),
+    (lambda: Policy().set_min_elements(-2), "Policy.min_elements must be an integer >= 0 (0: sample every layer); "
+                                            "got -2"),
+    (lambda: Policy(BS).set_callable(lambda *a: ...).to_dict(),
+     "a Policy with a callable (set_callable) cannot be saved as a dict; express it with set_module_name / "
+     "set_module_name_regex instead"),
+])
+def test_whole_messages(make, message):
+    """Each refusal names the class, the field, what is allowed and the value given, word for word."""
+    with pytest.raises(ValueError) as e:
+        make()
+    assert str(e.value).startswith(message)
+
+
+def test_conv_bn_spec_round_trips_and_files_are_readable(tmp_path):
+    p = Policy(BS).set_conv_bn(FS)
+    assert p.to_dict()["conv_bn"] == spec_to_dict(FS) and Policy.from_dict(p.to_dict()).conv_bn == FS
+    p.save(tmp_path / "p.json")
+    assert (tmp_path / "p.json").read_text().startswith('{\n  "default": {\n    "kind": "bs"')  # indent 2
+    p.save(tmp_path / "p.yaml")
+    assert (tmp_path / "p.yaml").read_text().startswith("default:\n  kind: bs\n")  # the policy's order, not sorted
+
+
+def test_close_name_suggestions_list_up_to_five():
+    names = [f"layer{i}.bn" for i in range(1, 8)]
+    with pytest.raises(ValueError) as e:
+        Policy().set_module_name("layerX.bn", None).validate_names(names, names)
+    assert str(e.value).count("layer") == 1 + 5  # the name asked for, then five suggestions
+    with pytest.raises(ValueError, match=r"closest BatchNorm names: abcdefgh$"):  # a loose match (cutoff 0.4)
+        Policy().set_module_name("abcdxyzw", None).validate_names(["abcdefgh"], ["abcdefgh"])
+    with pytest.raises(ValueError, match=r"\(did you mean fs, bs\?\)"):
+        Policy.from_preset("fbs")
+
+
+def test_an_unset_conv_rule_prints_as_unset():
+    assert repr(Policy().conv_bn) == "<unset>" and "conv_bn" not in Policy().to_dict()
+
+
+def test_set_sample_backward_turns_it_on_by_default():
+    assert Policy(BS).set_sample_backward().default.sample_backward is True
