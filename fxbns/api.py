@@ -31,7 +31,7 @@ from .estimators import BatchSampling, Exact, FeatureSampling, VirtualDataset
 from .modules import FunctionalBatchNorm, SampledBatchNorm
 from .passes.forward import install_graph_forward, uninstall_graph_forward
 from .passes.match import Site, find_sites
-from .passes.rewrite import rewrite_graph, swap_modules
+from .passes.rewrite import rewrite_graph, rewritten, swap_modules
 from .passes.virtual import VIRTUAL_NAME, VirtualBatch, inject_graph
 from .policy import Policy, resolve_policy
 from .report import Report, runs_at, sample_size
@@ -337,8 +337,7 @@ def transform(model: nn.Module, policy: Any = "fs", *, example_inputs=None, inpl
         x0 = _first_tensor(args) if args is not None else None
         if x0 is not None:
             vb.materialize(x0)
-    functional = any(s.kind == "functional" and s.reason is None and (s.spec is not None or rewrite_all)
-                     for s in sites)
+    functional = any(s.kind == "functional" and rewritten(s, rewrite_all) for s in sites)
     info = TransformInfo(pol, sites, tuple(leaf_modules), "swap", dict(traced.opaque), traced.root_error, vdesc)
     if traced.graph is None:
         if vb is not None:
