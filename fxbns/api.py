@@ -356,6 +356,8 @@ def transform(model: nn.Module, policy: Any = "fs", *, example_inputs=None, inpl
         for k in constants:  # tensors the tracer lifted out of the code: buffers (moved by .to()), not state
             root.register_buffer(k, root.__dict__.pop(k), persistent=False)
         install_graph_forward(root, traced.graph, traced.eval_graph)
+        if vb is not None:  # sites called after the forward (the user's own methods) see no virtual rows
+            root._fxbns_hooks = (root.register_forward_hook(_end_virtual, always_call=True),)
         info.mode = "graph"
         info.functional = dict(res.functional)
         info.added += list(res.functional.values()) + constants
@@ -382,6 +384,11 @@ def _warn_sample_backward(model: nn.Module) -> None:
             f"(resnet50 from random weights: 14x exact BatchNorm's gradient norm with bs, a NaN loss with fs; "
             f"examples/gradient_stability.py). Check gradient norms before training with it, or turn it off "
             f"(Policy.set_sample_backward(False), or drop --sample-backward).", UserWarning, stacklevel=3)
+
+
+def _end_virtual(root: nn.Module, args, output) -> None:
+    """Forward hook of a graph-mode model with a virtual batch: no virtual rows after its forward."""
+    getattr(root, VIRTUAL_NAME).state.n_real = None
 
 
 def _attach_hooks(root: nn.Module, vb: VirtualBatch, input_name: str | None) -> None:

@@ -245,7 +245,7 @@ class Policy:
                 close = difflib.get_close_matches(probe, site_names, n=5, cutoff=0.3)
                 hint = f"closest BatchNorm names: {', '.join(close)}" if close else \
                     f"its BatchNorms are e.g. {', '.join(site_names[:5]) or '(none)'}"
-                raise ValueError(f"policy module_name_regex {pattern!r} matches no BatchNorm site of this model "
+                raise ValueError(f"policy module_name_regex '{pattern}' matches no BatchNorm site of this model "
                                  f"(a regex must match the whole qualified name); {hint}")
 
     def specs(self) -> list[Any]:

@@ -11,7 +11,7 @@ from conftest import every_layer
 from torch import nn
 
 import fxbns
-from fxbns import MicroBatch, Policy, SampledBatchNorm
+from fxbns import SampledBatchNorm
 from fxbns.modules import FunctionalBatchNorm
 from fxbns.passes.forward import graph_code
 
@@ -62,22 +62,26 @@ def test_user_class_methods_and_attributes_survive(functional, policy, mode):
     assert isinstance(t, Net) and type(t).__name__ == "Net" and t is not m
     assert t.temperature == 2.5 and fxbns.report(t).mode == mode
     assert isinstance(t.bn, SampledBatchNorm) and type(m.bn) is nn.BatchNorm2d  # the original is untouched
-    assert _sampled(t, x) == ["bn"]  # the user's own method reaches the sampled layer
     assert set(t.state_dict()) - set(m.state_dict()) <= {"_fxbns_virtual.samples"}
     # eval: exactly the original model, through forward and through the user's method
     m.eval()
     t.eval()
     with torch.no_grad():
         assert torch.equal(t(x), m(x)) and torch.equal(t.features(x), m.features(x))
-    t.temperature = 1.0  # the forward reads the live attribute
+    t.temperature = 1.0
     with torch.no_grad():
-        torch.testing.assert_close(t(x), m(x) * 2.5)
+        if mode == "swap":  # the model's own forward reads the live attribute
+            torch.testing.assert_close(t(x), m(x) * 2.5)
+        else:  # the traced forward holds the Python values tracing saw (torch.fx); the user's methods read them live
+            assert torch.equal(t(x), m(x))
+    t.temperature = 2.5
+    assert _sampled(t, x) == ["bn"]  # the user's own method reaches the sampled layer
     # training: the real batch comes out, gradients reach every parameter
     t.train()
     out = t(torch.randn(3, 3, 8, 8))
     assert out.shape == (3, 3)
     out.sum().backward()
-    assert all(p.grad is not None for p in t.parameters())
+    assert all(p.grad is not None for n, p in t.named_parameters() if functional or n not in ("w", "b"))
     if functional:
         assert isinstance(t.get_submodule("_fxbns_bn0"), FunctionalBatchNorm)
         assert "_fxbns_bn0" in graph_code(t)
@@ -193,3 +197,18 @@ def test_timm_models_keep_their_api(name, policy):
     m.eval()
     with torch.no_grad():
         torch.testing.assert_close(t(x), m(x))
+
+
+def test_methods_called_after_a_virtual_batch_forward_see_only_real_rows():
+    """With a micro-batch regime, the user's own method (no virtual batch appended there) normalises the rows it
+    is given with their own statistics, also right after a forward that appended virtual rows."""
+    torch.manual_seed(0)
+    t = fxbns.transform(Net(), every_layer("micro"), example_inputs=torch.randn(2, 3, 8, 8))
+    t.train()
+    t(torch.randn(2, 3, 8, 8))  # batch 2 <= 4: virtual rows appended inside the forward
+    seen = {}
+    t.bn.register_forward_hook(lambda mod, args, out: seen.update(x=args[0], y=out))
+    t.features(torch.randn(3, 3, 8, 8))
+    assert seen["x"].shape[0] == 3
+    ref = F.batch_norm(seen["x"], None, None, t.bn.weight, t.bn.bias, True, 0.0, t.bn.eps)
+    torch.testing.assert_close(seen["y"], ref)
