@@ -35,7 +35,8 @@ def test_default_model_all_outputs(tmp_path):
     p = run("--policy", "fs", "--out", tmp_path / "ck.pt", "--onnx", tmp_path / "m.onnx", "--report",
             tmp_path / "r.json")
     assert p.returncode == 0, p.stderr
-    assert "20 BatchNorm sites, 20 sampled" in p.stdout and "fs(band" in p.stdout
+    # at the default 2x3x32x32 every layer is under the fs preset's 2**19 elements: exact, and the report says so
+    assert "20 BatchNorm sites: 0 sampled, 20 exact" in p.stdout and "fs(band" in p.stdout
     rep = json.loads((tmp_path / "r.json").read_text())
     assert len(rep["sites"]) == 20 and rep["sites"][0]["spec"]["kind"] == "fs"
     # the checkpoint rebuilds
@@ -61,10 +62,9 @@ def test_state_dict_with_arch_and_explain(tmp_path):
     assert p.returncode == 0, p.stderr
     assert "52 BatchNorm sites" in p.stdout and "bs(ratio=0.125, exact below 262144)" in p.stdout
     assert json.loads((tmp_path / "r.json").read_text())["sites"][0]["shape"] == [2, 32, 32, 32]
-    # a state_dict that does not fit the architecture
-    p = run(tmp_path / "sd.pt", "--arch", "torchvision:mobilenet_v2", "--input-shape", "2,3,64,64")
-    assert p.returncode == 1
-    assert "does not fit torchvision:mobilenet_v2" in _one_error_line(p) and "num-classes" in p.stderr
+    # without --num-classes: read from the state dict's classifier
+    p = run(tmp_path / "sd.pt", "--arch", "torchvision:mobilenet_v2", "--input-shape", "2,3,64,64", "--explain")
+    assert p.returncode == 0 and "--num-classes 7: read from the state dict" in p.stderr
     # a state_dict without --arch
     p = run(tmp_path / "sd.pt")
     assert p.returncode == 2 and "--arch" in _one_error_line(p)
@@ -79,7 +79,7 @@ def test_pickled_module_needs_trust(tmp_path):
     assert "--trust" in line and "runs code" in line
     p = run(tmp_path / "whole.pt", "--trust", "--input-shape", "2,3,16,16", "--out", tmp_path / "ck.pt")
     assert p.returncode == 0, p.stderr
-    assert "1 BatchNorm sites, 1 sampled" in p.stdout and (tmp_path / "ck.pt").exists()
+    assert "1 BatchNorm site: 0 sampled, 1 exact" in p.stdout and (tmp_path / "ck.pt").exists()
 
 
 @pytest.mark.parametrize("args, code, needle", [
@@ -102,7 +102,7 @@ def test_corrupt_file_and_existing_output_kept(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"\x00not a torch file at all")
     p = run(bad, "--arch", "torchvision:resnet18")
-    assert p.returncode == 1 and "not a PyTorch file or corrupt" in _one_error_line(p)
+    assert p.returncode == 1 and "not a PyTorch file or it is corrupt" in _one_error_line(p)
     # an unwritable output: refused before any work, existing files untouched
     ro = tmp_path / "ro"
     ro.mkdir()
@@ -111,7 +111,7 @@ def test_corrupt_file_and_existing_output_kept(tmp_path):
     try:
         if os.access(ro, os.W_OK):  # running as root: permissions do not bind, use a path under a file
             p = run("--report", tmp_path / "bad.pt" / "r.json")
-            assert p.returncode == 1 and "does not exist" in _one_error_line(p)
+            assert p.returncode == 1 and "is a file, not a folder" in _one_error_line(p)
         else:
             p = run("--report", ro / "r.json")
             assert p.returncode == 1 and "not writable" in _one_error_line(p)
