@@ -31,7 +31,7 @@ from .estimators import BatchSampling, Exact, FeatureSampling, VirtualDataset
 from .modules import FunctionalBatchNorm, SampledBatchNorm
 from .passes.forward import install_graph_forward, uninstall_graph_forward
 from .passes.match import Site, find_sites
-from .passes.rewrite import rewrite_graph, swap_modules
+from .passes.rewrite import rewrite_graph, rewritten, swap_modules
 from .passes.virtual import VIRTUAL_NAME, VirtualBatch, inject_graph
 from .policy import Policy, resolve_policy
 from .report import Report, runs_at, sample_size
@@ -337,8 +337,7 @@ def transform(model: nn.Module, policy: Any = "fs", *, example_inputs=None, inpl
         x0 = _first_tensor(args) if args is not None else None
         if x0 is not None:
             vb.materialize(x0)
-    functional = any(s.kind == "functional" and s.reason is None and (s.spec is not None or rewrite_all)
-                     for s in sites)
+    functional = any(s.kind == "functional" and rewritten(s, rewrite_all) for s in sites)
     info = TransformInfo(pol, sites, tuple(leaf_modules), "swap", dict(traced.opaque), traced.root_error, vdesc)
     if traced.graph is None:
         if vb is not None:
@@ -357,6 +356,8 @@ def transform(model: nn.Module, policy: Any = "fs", *, example_inputs=None, inpl
         for k in constants:  # tensors the tracer lifted out of the code: buffers (moved by .to()), not state
             root.register_buffer(k, root.__dict__.pop(k), persistent=False)
         install_graph_forward(root, traced.graph, traced.eval_graph)
+        if vb is not None:  # sites called after the forward (the user's own methods) see no virtual rows
+            root._fxbns_hooks = (root.register_forward_hook(_end_virtual, always_call=True),)
         info.mode = "graph"
         info.functional = dict(res.functional)
         info.added += list(res.functional.values()) + constants
@@ -383,6 +384,11 @@ def _warn_sample_backward(model: nn.Module) -> None:
             f"(resnet50 from random weights: 14x exact BatchNorm's gradient norm with bs, a NaN loss with fs; "
             f"examples/gradient_stability.py). Check gradient norms before training with it, or turn it off "
             f"(Policy.set_sample_backward(False), or drop --sample-backward).", UserWarning, stacklevel=3)
+
+
+def _end_virtual(root: nn.Module, args, output) -> None:
+    """Forward hook of a graph-mode model with a virtual batch: no virtual rows after its forward."""
+    getattr(root, VIRTUAL_NAME).state.n_real = None
 
 
 def _attach_hooks(root: nn.Module, vb: VirtualBatch, input_name: str | None) -> None:

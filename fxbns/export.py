@@ -114,12 +114,28 @@ def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, fo
                 dynamic_batch: bool = True, opset: int | None = None, verify: bool = True) -> ExportResult:
     """Export the eval-mode inference model to ONNX (``torch.onnx.export(..., dynamo=True)``).
 
-    ``model``: a transformed GraphModule or any module (not changed).  ``fold``: fold Conv->BN pairs
-    first.  ``dynamic_batch``: a dynamic first axis (``False``: the example's batch size, fixed).  ``opset``: the
-    ONNX opset (``None``: the exporter's default).  ``verify``: compare onnxruntime with PyTorch eval on random
-    inputs, at batch 1 and a larger batch (a fixed batch: at its size), max relative error <= 1e-4, else
-    ``ValueError`` (``False``: no check; ``max_error`` is ``None``).  If the dynamo exporter fails, the TorchScript
-    exporter is used and ``exporter``/``fallback_reason`` say so.  The file is written atomically.
+    If the dynamo exporter fails, the TorchScript exporter is used and ``exporter``/``fallback_reason`` say
+    so.  The file is written atomically.
+
+    Args:
+        model: a transformed model or any module (not changed).
+        example_inputs: an input batch (a tensor or a tuple of positional inputs).
+        path: the ``.onnx`` file to write.
+        fold: fold Conv->BN pairs first.
+        dynamic_batch: a dynamic first axis (``False``: the example's batch size, fixed).
+        opset: the ONNX opset (``None``: the exporter's default).
+        verify: compare onnxruntime with PyTorch eval on random inputs at batch 1 and a larger batch (a fixed
+            batch: at its size), max relative error <= 1e-4, else ``ValueError`` and no file (``False``: no check;
+            ``max_error`` is ``None``).
+
+    Returns:
+        An :class:`ExportResult`.
+
+    >>> import os, tempfile, torch, fxbns
+    >>> m = fxbns.transform(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)), "fs")
+    >>> r = fxbns.export_onnx(m, torch.randn(2, 3, 8, 8), os.path.join(tempfile.mkdtemp(), "m.onnx"))
+    >>> r.bn_folded, r.max_error < 1e-4
+    (1, True)
     """
     import onnx
 

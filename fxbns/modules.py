@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .estimators import BatchSampling, Exact, FeatureSampling, MicroBatch
+from .estimators import BatchSampling, Exact, FeatureSampling, MicroBatch, VirtualDataset
 from .ops import dispatch, sampled_batch_norm
 from .ops.cpu import _FusedSampledBatchNorm, fused_plan
 from .ops.dispatch import choose_path, speed_rule
@@ -222,6 +222,10 @@ class SampledBatchNorm(_BatchNorm):
                                      self.momentum, self.eps, self.seed, s, [group], count=not recompute)
         self._check_input_dim(input)
         n_real, spec = self._resolve(input, n_real)
+        if isinstance(spec, VirtualDataset) and n_real == input.shape[0]:
+            # no virtual rows: called outside the model's forward (a user's method such as forward_features),
+            # where no virtual batch is appended; the real rows' statistics, as the VDN spec's real part takes them
+            spec = spec.real if spec.real is not None and spec.mix < 1 else Exact()
         if _exact_here(spec, input.shape, n_real, input.device.type):
             if n_real == input.shape[0]:
                 return self._exact_forward(input)

@@ -112,6 +112,18 @@ class Policy:
 
     # -- setters ---------------------------------------------------------------------------------
     def set_global(self, spec: Any) -> Policy:
+        """Estimator for every site no other rule covers.
+
+        Args:
+            spec: an estimator spec (``None`` or :class:`~fxbns.Exact`: exact).
+
+        Returns:
+            ``self``.
+
+        >>> from fxbns import BatchSampling
+        >>> Policy().set_global(BatchSampling()).default.kind
+        'bs'
+        """
         self.default = spec
         return self
 
@@ -128,13 +140,35 @@ class Policy:
         return self
 
     def set_module_name_regex(self, pattern: str, spec: Any) -> Policy:
-        """Estimator for sites whose qualified name fully matches ``pattern`` (first match wins)."""
+        """Estimator for sites whose qualified name fully matches ``pattern`` (first match wins).
+
+        Args:
+            pattern: a regular expression (``re.fullmatch``); an error at transform if it matches no site.
+            spec: an estimator spec (``None``: exact).
+
+        Returns:
+            ``self``.
+
+        >>> Policy().set_module_name_regex(r"layer4\\..*", None).spec_for("layer4.0.bn1", None) is None
+        True
+        """
         re.compile(pattern)
         self.name_regexes.append((pattern, spec))
         return self
 
     def set_module_name(self, name: str, spec: Any) -> Policy:
-        """Estimator for the site with qualified name ``name`` (e.g. ``"layer1.0.bn1"``)."""
+        """Estimator for the site with qualified name ``name`` (e.g. ``"layer1.0.bn1"``).
+
+        Args:
+            name: the BatchNorm's qualified name (an error at transform if the model has no such site).
+            spec: an estimator spec (``None``: exact).
+
+        Returns:
+            ``self``.
+
+        >>> Policy.from_preset("fs").set_module_name("bn1", None).spec_for("bn1", None) is None
+        True
+        """
         self.names[name] = spec
         return self
 
@@ -193,7 +227,20 @@ class Policy:
 
     # -- resolution ------------------------------------------------------------------------------
     def spec_for(self, qualname: str, module: nn.Module | None, producer: str = "other", site: Any = None) -> Any:
-        """The estimator for one site; ``None`` means leave it exact."""
+        """The estimator for one site; ``None`` means leave it exact.
+
+        Args:
+            qualname: the site's qualified name.
+            module: the BatchNorm module (or ``None``).
+            producer: ``"conv"`` for a Conv->BN pair, else ``"linear"``, ``"other"``, ``"input"``, ``"opaque"``.
+            site: the planned site, passed to a callable rule.
+
+        Returns:
+            The spec, or ``None``.
+
+        >>> Policy.from_preset("exact").spec_for("bn1", None) is None
+        True
+        """
         spec = self.default
         if producer == "conv" and self.conv_bn is not _UNSET:
             spec = self.conv_bn
@@ -236,7 +283,7 @@ class Policy:
                 close = difflib.get_close_matches(probe, site_names, n=5, cutoff=0.3)
                 hint = f"closest BatchNorm names: {', '.join(close)}" if close else \
                     f"its BatchNorms are e.g. {', '.join(site_names[:5]) or '(none)'}"
-                raise ValueError(f"policy module_name_regex {pattern!r} matches no BatchNorm site of this model "
+                raise ValueError(f"policy module_name_regex '{pattern}' matches no BatchNorm site of this model "
                                  f"(a regex must match the whole qualified name); {hint}")
 
     def specs(self) -> list[Any]:
@@ -249,7 +296,14 @@ class Policy:
 
     # -- persistence -----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """A JSON/YAML-able dict (a callable, if set, cannot be saved and is reported as such)."""
+        """A JSON/YAML-able dict (a callable, if set, cannot be saved and is reported as such).
+
+        Returns:
+            The dict :meth:`from_dict` reads back.
+
+        >>> Policy.from_preset("bs").to_dict()["default"]["ratio"]
+        0.125
+        """
         if self.fn is not None:
             raise ValueError("a Policy with a callable (set_callable) cannot be saved as a dict; "
                              "express it with set_module_name / set_module_name_regex instead")
@@ -316,7 +370,20 @@ class Policy:
         return p
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the policy as JSON (``.json``) or YAML (``.yaml``/``.yml``)."""
+        """Write the policy as JSON (``.json``) or YAML (``.yaml``/``.yml``), atomically.
+
+        Args:
+            path: the file.
+
+        Returns:
+            None.
+
+        >>> import os, tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "p.yaml")
+        >>> Policy.from_preset("bs").save(path)
+        >>> Policy.load(path).to_dict() == Policy.from_preset("bs").to_dict()
+        True
+        """
         from ._io import atomic_write_text
         path = os.fspath(path)
         if path.endswith((".yaml", ".yml")):
@@ -328,7 +395,14 @@ class Policy:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Policy:
-        """Read a JSON or YAML policy file."""
+        """Read a JSON or YAML policy file (see the module docstring for the format).
+
+        Args:
+            path: the file.
+
+        Returns:
+            The :class:`Policy` (see :meth:`save` for an example).
+        """
         path = os.fspath(path)
         try:
             with open(path, encoding="utf-8") as f:
@@ -348,7 +422,17 @@ class Policy:
 
     @classmethod
     def from_preset(cls, name: str) -> Policy:
-        """One of the presets: ``exact``, ``bs``, ``fs``, ``vdn``, ``micro`` (see :data:`PRESETS`)."""
+        """One of the presets: ``exact``, ``bs``, ``fs``, ``vdn``, ``micro`` (see :data:`PRESETS`).
+
+        Args:
+            name: the preset's name.
+
+        Returns:
+            A new :class:`Policy`.
+
+        >>> Policy.from_preset("micro").micro.threshold
+        4
+        """
         if name not in PRESETS:
             close = difflib.get_close_matches(name, list(PRESETS), n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""

@@ -202,9 +202,9 @@ class Report:
         small = sorted({r["exact_below_batch"] for r in self.rows if (r.get("exact_below_batch") or 0) > 1})
         if small:
             n_small = sum(1 for r in self.rows if (r.get("exact_below_batch") or 0) > 1)
-            lines.append(f"{n_small} sites keep exact statistics at small batches (min_elements): sampled from "
-                         f"batch {small[0]}" + (f" to {small[-1]}" if len(small) > 1 else "")
-                         + " on; 'exact_below_batch' in to_dict()")
+            span = f"{small[0]}" + (f"-{small[-1]}" if len(small) > 1 else "")
+            lines.append(f"{n_small} sites keep exact statistics at small batches (min_elements); "
+                         f"they sample from batch {span} on")
         if self.virtual:
             lines.append(f"virtual batch: {self.virtual}")
         if self.micro:

@@ -10,6 +10,8 @@ from fxbns import BatchSampling, FeatureSampling, Policy, VirtualDataset
 
 DIMS = (0, 2, 3)
 
+pytestmark = pytest.mark.usefixtures("tiny_samples")  # formulas on small samples (the rule: test_ops.py)
+
 
 def _bn_first(c=3, dtype=torch.float64):
     """A model whose first layer is a BatchNorm, so its input is the model input (plus any virtual rows).

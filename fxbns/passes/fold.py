@@ -56,9 +56,20 @@ def _fold_weights(layer: nn.Module, bn: _BatchNorm) -> nn.Module:
 def fold(model: nn.Module) -> FoldResult:
     """Fold every Conv->BN and Linear->BN pair of an eval-mode model into the Conv/Linear.
 
-    Takes a transformed GraphModule or any module (traced here); the input is not changed.  A pair is
+    Takes a transformed model or any module (traced here); the input is not changed.  A pair is
     folded when the producer's output has no other user, the producer module is called once, and the
     BN uses running statistics.  Refuses a model in training mode.
+
+    Args:
+        model: an eval-mode model (a transformed one is reverted first).
+
+    Returns:
+        A :class:`FoldResult`: the folded ``fx.GraphModule`` and which BatchNorms were folded or kept, and why.
+
+    >>> import torch
+    >>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU()).eval()
+    >>> fold(m).folded, fold(m).nodes_after
+    (['1'], 4)
     """
     if model.training:
         raise ValueError("fold() is for inference: it bakes the running statistics into the conv weights, "

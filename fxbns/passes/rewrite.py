@@ -22,7 +22,7 @@ from ..estimators import Exact
 from ..modules import FunctionalBatchNorm, SampledBatchNorm, VirtualState, site_seed
 from .match import Site
 
-__all__ = ["RewriteResult", "swap_modules", "rewrite_graph", "add_into"]
+__all__ = ["RewriteResult", "swap_modules", "rewrite_graph", "add_into", "rewritten"]
 
 _F_SIG = inspect.signature(F.batch_norm)
 _TORCH_BN_ARGS = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps",
@@ -42,14 +42,20 @@ def _tag(spec) -> str:
     return tag + ("_sb" if getattr(spec, "sample_backward", False) else "")
 
 
+def rewritten(s: Site, rewrite_all: bool) -> bool:
+    """Whether site ``s`` is rewritten: planned with an estimator, or (``rewrite_all``: a virtual batch in the
+    model) left exact by the policy, so that its statistics still exclude the virtual rows."""
+    if s.spec is not None:
+        return s.reason is None
+    return rewrite_all and s.reason in (None, "policy: exact")
+
+
 def swap_modules(root: nn.Module, sites: list[Site], micro, seed: int, vstate: VirtualState | None,
                  rewrite_all: bool) -> RewriteResult:
     """Replace every planned BN module (``rewrite_all``: every BN that is not left alone) in ``root``."""
     res = RewriteResult()
     for s in sites:
-        if s.kind == "functional" or s.reason is not None:
-            continue
-        if s.spec is None and not rewrite_all:
+        if s.kind == "functional" or not rewritten(s, rewrite_all):
             continue
         bn = root.get_submodule(s.name)
         if isinstance(bn, SampledBatchNorm):
@@ -81,7 +87,7 @@ def rewrite_graph(root: nn.Module, graph: fx.Graph, sites: list[Site], micro, se
     outputs = {node for node in graph.nodes if node.name in by_node}  # every BN site's output node
     for node in list(graph.nodes):
         s = by_node.get(node.name)
-        if s is None or s.reason is not None or (s.spec is None and not rewrite_all):
+        if s is None or not rewritten(s, rewrite_all):
             continue
         if s.kind == "module":
             if n_real is not None:
