@@ -12,7 +12,7 @@ def test_hypothesis_profile_choice():
     assert hypothesis_profile({"CI": "false"}) == "dev"
     assert hypothesis_profile({"CI": "true", "HYPOTHESIS_PROFILE": "thorough"}) == "thorough"
     ci = settings.get_profile("ci")
-    assert ci.max_examples >= 200 and ci.derandomize and ci.deadline is None
+    assert ci.max_examples >= 60 and ci.derandomize and ci.deadline is None
     assert settings.get_profile("dev").max_examples < ci.max_examples < settings.get_profile("thorough").max_examples
 
 
