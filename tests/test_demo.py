@@ -19,7 +19,7 @@ def test_demo_samples_at_its_training_shape(tmp_path, capsys):
     assert set(res.accuracy) == set(res.step_ms) == {"exact BN", "fxbns fs"}
 
 
-def test_sampled_sites_counts_from_the_modules():
+def test_sampled_sites_counts_from_the_modules(tiny_samples):
     import torch
     import torchvision
 

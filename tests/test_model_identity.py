@@ -153,7 +153,7 @@ def test_graph_mode_with_separate_eval_graph():
     assert (t(x) == 0).any()  # the training graph: dropout
 
 
-def test_sync_batchnorm_conversion_is_reported():
+def test_sync_batchnorm_conversion_is_reported(tiny_samples):
     """nn.SyncBatchNorm.convert_sync_batchnorm on the result keeps the user's class; the report reads the live
     modules and says the sites are SyncBatchNorm now."""
     m = Net()

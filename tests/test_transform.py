@@ -191,7 +191,7 @@ def test_detection_model_taking_a_list():
         v(images, targets)
 
 
-def test_linear_bn1d_mlp_and_flat_fs_fallback():
+def test_linear_bn1d_mlp_and_flat_fs_fallback(tiny_samples):
     m = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
     x = torch.randn(32, 8)
     gm = fxbns.transform(m, every_layer("fs"), example_inputs=x)
