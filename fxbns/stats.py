@@ -182,6 +182,7 @@ class _ModelState:
     ``_host_step``), virtual samples made on the first training batch, the virtual batch's row count, RNG."""
 
     def __init__(self, model: nn.Module) -> None:
+        self.root = model
         self.modes = [(m, m.training) for m in model.modules()]
         self.momenta = [(m, m.momentum) for m in model.modules() if isinstance(m, (_BatchNorm, FunctionalBatchNorm))]
         self.tensors: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -202,13 +203,13 @@ class _ModelState:
 
     def prepare(self) -> None:
         """Training mode everywhere, momentum 0 (running statistics stay put during the pass)."""
-        for m, _ in self.modes:
-            m.training = True
+        self.root.train()  # through train(): a transformed model switches to its training graph
         for m, _ in self.momenta:
             m.momentum = 0.0
 
     def restore(self) -> None:
         """Put it all back."""
+        self.root.train(self.modes[0][1])  # the root's graph for its mode, then every module's own flag
         for m, t in self.modes:
             m.training = t
         for m, mom in self.momenta:

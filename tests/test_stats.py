@@ -90,6 +90,31 @@ def test_recalibrate_transformed_models(policy):
     assert res.sites[0].count == 96 * 100
 
 
+class _TrainEvalDiffer(nn.Module):
+    """Code that reads self.training: a transformed model has a training graph and an eval graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return F.dropout(self.bn(self.conv(x)), 0.0, self.training)
+
+
+def test_recalibrate_from_eval_mode_runs_the_training_graph():
+    model = _TrainEvalDiffer()
+    gm = fxbns.transform(model, "vdn", example_inputs=DATA[:2])
+    assert gm.graphs()[True] is not gm.graphs()[False]
+    gm.eval()
+    res = fxbns.recalibrate(gm, SPLITS["3x32"], num_batches=3)
+    assert not gm.training and gm.graph is gm.graphs()[False]
+    mean, var = _pooled(model.conv(DATA).detach())
+    torch.testing.assert_close(gm.bn.running_mean.double(), mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gm.bn.running_var.double(), var, rtol=1e-5, atol=1e-6)
+    assert res.sites[0].count == 96 * 64
+
+
 def test_recalibrate_functional_sites():
     batches = [torch.randn(8, 3, 6, 6) for _ in range(3)]
     plain = _Functional()
