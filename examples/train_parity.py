@@ -119,6 +119,10 @@ def main() -> int:
                 "recalibrated_mean": statistics.mean(raccs),
                 "recalibrated_std": statistics.stdev(raccs) if len(raccs) > 1 else 0.0,
                 "mean_sample_fraction": statistics.mean(r["mean_sample_fraction"] for r in runs)}
+            # the record so far (an interrupted run keeps the policies it finished), replaced at the end
+            save_record(args.record, {"command": "python examples/train_parity.py " + " ".join(sys.argv[1:]),
+                                      "partial": True, "epochs": args.epochs, "batch": args.batch, "lr": args.lr,
+                                      "seeds": args.seeds, "results": results})
     print(f"\n| model | preset | test accuracy (mean +- std over {args.seeds} seeds) | vs exact | after recalibrate | "
           f"vs exact after recalibrate | mean sample fraction |")
     print("|---|---|---|---|---|---|---|")
