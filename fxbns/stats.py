@@ -885,7 +885,7 @@ def _known_sites(model: nn.Module) -> list[str] | None:
     """The site names ``transform`` uses for this model (its report's, or a dry run's)."""
     info = getattr(model, "_fxbns", None)
     if info is not None:
-        return [r["name"] for r in info.report.rows]
+        return [s.name for s in info.sites]
     try:
         from .api import explain
         return [r["name"] for r in explain(model, Policy(Exact())).rows]
