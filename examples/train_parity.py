@@ -1,7 +1,11 @@
 #!/usr/bin/env python3
-"""Training parity on real data: exact BatchNorm vs the bs, fs (band; patch and grid too) and vdn presets.
+"""Training parity on real data: exact BatchNorm vs the bs, fs (band; patch and grid too) and vdn presets, and
+the policy ``fxbns.calibrate`` chooses per layer (default target error, on 4 training batches at initialisation).
 
 Every BatchNorm is sampled (``min_elements=0``; the presets would keep layers under 2**18 (bs) or 2**19 (fs) elements exact).
+Each trained model is evaluated twice: with the running statistics training left, and after ``fxbns.recalibrate``
+(population statistics over one pass of the training set, no augmentation).  The mean sample fraction is the
+mean over sites of the share of a training batch's elements each site's statistics use (exact: 1).
 
 A small ResNet and a MobileNet-style net on scikit-learn's bundled handwritten digits (upsampled to
 32x32), the same schedule for all, several seeds.  Writes examples/results/train_parity.{json,png}.
@@ -23,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import OUT, SmallMobileNet, SmallResNet, save_record, train  # noqa: E402
+from _common import OUT, SmallMobileNet, SmallResNet, evaluate, save_record, train  # noqa: E402
 
 import fxbns  # noqa: E402
 from fxbns import FeatureSampling, Policy  # noqa: E402
@@ -36,8 +40,24 @@ POLICIES = {
     "fs-grid": lambda: Policy(FeatureSampling(area_ratio=1 / 16, layout="grid", per_sample=True)),
     "fs": lambda: Policy.from_preset("fs").set_min_elements(0),  # the preset (band layout, per-sample offsets) on every layer
     "vdn": lambda: "vdn",
+    "calibrated": None,  # fxbns.calibrate on the model at initialisation (see _policy)
 }
 MODELS = {"small-resnet": SmallResNet, "small-mobilenet": SmallMobileNet}
+
+
+def _policy(pname, model, data, batch):
+    """The policy to train with; for "calibrated", fxbns.calibrate's choice on the first 4 training batches."""
+    if POLICIES[pname] is not None:
+        return POLICIES[pname](), None
+    xtr = data[0]
+    cal = fxbns.calibrate(model, [xtr[i * batch:(i + 1) * batch] for i in range(4)])
+    return cal.policy, cal
+
+
+def _mean_fraction(gm) -> float:
+    """Mean over sites of the fraction of the batch's elements its statistics use (exact sites count 1)."""
+    rows = fxbns.report(gm).rows
+    return sum(1.0 if r["fraction"] is None or r["estimator"] == "exact" else r["fraction"] for r in rows) / len(rows)
 
 
 def main() -> int:
@@ -48,6 +68,9 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--policies", help="comma-separated subset; their results replace those in the existing record")
+    ap.add_argument("--models", help=f"comma-separated subset of {', '.join(MODELS)}")
+    ap.add_argument("--record", default="train_parity", help="name of the record and plot under examples/results "
+                    "(default train_parity)")
     args = ap.parse_args()
     if args.quick:
         args.seeds, args.epochs = 1, 3
@@ -58,45 +81,88 @@ def main() -> int:
     policies = POLICIES
     if args.policies:
         policies = {p: POLICIES[p] for p in args.policies.split(",")}
-        prev = OUT / "train_parity.json"
+        prev = OUT / f"{args.record}.json"
         if prev.exists():
             old = json.loads(prev.read_text())
             if all(old.get(k) == getattr(args, k) for k in ("epochs", "batch", "lr", "seeds")):
                 results = old["results"]
                 earlier = old["command"]
     t0 = time.time()
-    for mname, mcls in MODELS.items():
-        for pname, pol in policies.items():
+    models = {m: MODELS[m] for m in args.models.split(",")} if args.models else MODELS
+    for mname, mcls in models.items():
+        for pname in policies:
             runs = []
             for seed in range(args.seeds):
                 torch.manual_seed(seed)
                 model = mcls(num_classes=10)
-                gm = fxbns.transform(model, pol(), example_inputs=data[0][:2])
+                pol, cal = _policy(pname, model, data, args.batch)
+                gm = fxbns.transform(model, pol, example_inputs=data[0][:args.batch])
+                frac = _mean_fraction(gm)
                 acc, loss, curve = train(gm, data, epochs=args.epochs, batch=args.batch, lr=args.lr, seed=seed)
-                runs.append({"seed": seed, "test_acc": acc, "test_loss": loss, "train_loss": curve})
-                print(f"{mname:16s} {pname:9s} seed {seed}: test acc {100 * acc:.2f}%  ({time.time() - t0:.0f} s)",
-                      flush=True)
+                xtr = data[0]
+                n_b = len(xtr) // args.batch
+                fxbns.recalibrate(gm, (xtr[i * args.batch:(i + 1) * args.batch] for i in range(n_b)), num_batches=n_b)
+                racc, _ = evaluate(gm, data[2], data[3])
+                run = {"seed": seed, "test_acc": acc, "test_loss": loss, "train_loss": curve,
+                       "recalibrated_test_acc": racc, "mean_sample_fraction": frac}
+                if cal is not None:
+                    run["calibration"] = [{"name": r["name"], "spec": r["spec"].describe() if r["spec"] else "exact",
+                                           "fraction": r["fraction"], "mean_error": r["mean_error"],
+                                           "var_error": r["var_error"]} for r in cal.table]
+                runs.append(run)
+                print(f"{mname:16s} {pname:10s} seed {seed}: test acc {100 * acc:.2f}%, recalibrated {100 * racc:.2f}%, "
+                      f"mean sample fraction {frac:.3f}  ({time.time() - t0:.0f} s)", flush=True)
             accs = [r["test_acc"] for r in runs]
+            raccs = [r["recalibrated_test_acc"] for r in runs]
             results.setdefault(mname, {})[pname] = {
-                "runs": runs, "mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0}
-    print(f"\n| model | preset | test accuracy (mean +- std over {args.seeds} seeds) | vs exact |")
-    print("|---|---|---|---|")
+                "runs": runs, "mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                "recalibrated_mean": statistics.mean(raccs),
+                "recalibrated_std": statistics.stdev(raccs) if len(raccs) > 1 else 0.0,
+                "mean_sample_fraction": statistics.mean(r["mean_sample_fraction"] for r in runs)}
+            # the record so far (an interrupted run keeps the policies it finished), replaced at the end
+            save_record(args.record, {"command": "python examples/train_parity.py " + " ".join(sys.argv[1:]),
+                                      "partial": True, "epochs": args.epochs, "batch": args.batch, "lr": args.lr,
+                                      "seeds": args.seeds, "results": results})
+    print(f"\n| model | preset | test accuracy (mean +- std over {args.seeds} seeds) | vs exact | after recalibrate | "
+          f"vs exact after recalibrate | mean sample fraction |")
+    print("|---|---|---|---|---|---|---|")
     for mname, res in results.items():
         base = res["exact"]["mean"]
+        rbase = res["exact"].get("recalibrated_mean")
         for pname, r in res.items():
             d = 100 * (r["mean"] - base)
+            rec = r.get("recalibrated_mean")
+            rtxt = "-" if rec is None else f"{100 * rec:.2f} +- {100 * r['recalibrated_std']:.2f}"
+            rd = "" if rec is None or rbase is None or pname == "exact" else f"{100 * (rec - rbase):+.2f}"
+            frac = r.get("mean_sample_fraction")
             print(f"| {mname} | {pname} | {100 * r['mean']:.2f} +- {100 * r['std']:.2f} | "
-                  f"{'' if pname == 'exact' else f'{d:+.2f}'} |")
+                  f"{'' if pname == 'exact' else f'{d:+.2f}'} | {rtxt} | {rd} | {'-' if frac is None else f'{frac:.3f}'} |")
     goal = all(abs(r["mean"] - res["exact"]["mean"]) <= 0.005 for res in results.values() for r in res.values())
     print(f"\ngoal (every preset within 0.5 points of exact BN): {'met' if goal else 'NOT met'}")
+    cal_goal = {}
+    for mname, res in results.items():
+        if "calibrated" in res and "fs" in res:
+            c = res["calibrated"]
+            cal_goal[mname] = {
+                "accuracy_vs_exact": c["mean"] - res["exact"]["mean"],
+                "mean_sample_fraction": c.get("mean_sample_fraction"),
+                "fs_mean_sample_fraction": res["fs"].get("mean_sample_fraction"),
+                "met": abs(c["mean"] - res["exact"]["mean"]) <= 0.005 and c.get("mean_sample_fraction") is not None
+                and res["fs"].get("mean_sample_fraction") is not None
+                and c["mean_sample_fraction"] < res["fs"]["mean_sample_fraction"]}
+            g = cal_goal[mname]
+            print(f"{mname}: calibrated policy {100 * g['accuracy_vs_exact']:+.2f} points vs exact at mean sample "
+                  f"fraction {g['mean_sample_fraction']:.3f} (fs preset {g['fs_mean_sample_fraction'] or float('nan'):.3f}): "
+                  f"goal (within 0.5 points, smaller fraction than fs) {'met' if g['met'] else 'NOT met'}")
     command = "python examples/train_parity.py " + " ".join(sys.argv[1:])
     if earlier:
         command = f"{earlier}; then {command}"
-    rec = save_record("train_parity", {"command": command,
+    rec = save_record(args.record, {"command": command,
                                        "data": "sklearn digits 32x32", "epochs": args.epochs, "batch": args.batch,
-                                       "lr": args.lr, "seeds": args.seeds, "results": results, "goal_met": goal})
+                                       "lr": args.lr, "seeds": args.seeds, "results": results, "goal_met": goal,
+                                       "calibrated_goal": cal_goal})
     _plot(results, args)
-    print(f"record: {rec}\nplot: {OUT / 'train_parity.png'}")
+    print(f"record: {rec}\nplot: {OUT / (args.record + '.png')}")
     return 0
 
 
@@ -106,8 +172,8 @@ def _plot(results, args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4))
-    for ax, (mname, res) in zip(axes, results.items()):
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
+    for ax, (mname, res) in zip(axes[0], results.items()):
         for pname, r in res.items():
             curves = torch.tensor([run["train_loss"] for run in r["runs"]])
             ax.plot(range(1, args.epochs + 1), curves.mean(0),
@@ -118,7 +184,7 @@ def _plot(results, args) -> None:
         ax.legend(title="preset (test acc)")
     fig.tight_layout()
     OUT.mkdir(exist_ok=True)
-    fig.savefig(OUT / "train_parity.png", dpi=100)
+    fig.savefig(OUT / f"{args.record}.png", dpi=100)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from .ops import sampled_batch_norm
 from .passes.fold import FoldResult, fold
 from .policy import PRESETS, Policy
 from .report import Report
+from .stats import CalibrationResult, RecalibrationResult, calibrate, recalibrate
 from .tune import TuneResult, tune
 
 __all__ = [
@@ -40,4 +41,8 @@ __all__ = [
     "sampled_batch_norm",
     "tune",
     "TuneResult",
+    "recalibrate",
+    "RecalibrationResult",
+    "calibrate",
+    "CalibrationResult",
 ]

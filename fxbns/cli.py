@@ -63,6 +63,11 @@ def _parser() -> argparse.ArgumentParser:
                    "batch of --input-shape (give your training batch size and image size) with its estimator and "
                    "exact, and keep exact statistics where that was faster on this machine (fxbns.tune)")
     p.add_argument("--tune-steps", type=int, default=10, help="--tune: timed step pairs (default 10)")
+    p.add_argument("--calibrate", metavar="FILE", help="choose every layer's sample from the measured correlation of "
+                   "its features on real inputs: FILE is a .pt holding one input batch (a tensor) or a list of "
+                   "batches, of the training batch size; the calibrated policy replaces --policy (fxbns.calibrate)")
+    p.add_argument("--target-error", type=float, help="--calibrate: the largest RMS relative error allowed for each "
+                   "layer's batch mean (in std) and variance (default 0.05)")
     p.add_argument("--save-policy", help="write the policy used (tuned with --tune) as JSON or YAML here")
     p.add_argument("--seed", type=int, default=0, help="seed for model init and sampling (default 0)")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -290,6 +295,8 @@ def run(args) -> int:
         raise CLIError(f"the model does not run on an input of shape {tuple(shape)} ({type(e).__name__}: "
                        f"{str(e).splitlines()[0][:200] if str(e) else ''}); set --input-shape") from None
     model.train()
+    if args.calibrate or args.target_error is not None:
+        policy = _calibrated(args, model)
     if args.tune:
         if shape[0] < 8:
             print(f"[fxbns] note: --tune times the layers at batch {shape[0]}; give the training batch size in "
@@ -337,6 +344,42 @@ def run(args) -> int:
         if res.fallback_reason:
             print(f"note: the dynamo exporter failed ({res.fallback_reason}); used the TorchScript exporter")
     return 0
+
+
+def _calibrated(args, model):
+    """--calibrate: the policy fxbns.calibrate chooses on the batches in the file (seed, --min-elements and
+    --sample-backward applied to it)."""
+    import torch
+
+    import fxbns
+
+    if not args.calibrate:
+        raise CLIError("--target-error applies to --calibrate FILE; add --calibrate", 2)
+    target = 0.05 if args.target_error is None else args.target_error
+    if not 0 < target <= 1:
+        raise CLIError(f"--target-error must be in (0, 1], e.g. 0.05; got {target:g}", 2)
+    path = args.calibrate
+    if not os.path.isfile(path):
+        raise CLIError(f"--calibrate {path!r}: no such file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
+        raise CLIError(f"--calibrate {path!r}: not a readable PyTorch file of tensors ({type(e).__name__})") from None
+    batches = [obj] if isinstance(obj, torch.Tensor) else obj
+    if not isinstance(batches, (list, tuple)) or not batches or not all(isinstance(b, torch.Tensor) for b in batches):
+        raise CLIError(f"--calibrate {path!r} holds a {type(obj).__name__}; save one input tensor or a list of input "
+                       f"tensors (torch.save([x1, x2, ...], path))")
+    with _step(f"calibrating the policy on {len(batches)} batches of {path} (--calibrate)"):
+        try:
+            cal = fxbns.calibrate(model, batches, target_error=target, num_batches=len(batches),
+                                  min_elements=args.min_elements or 0)
+        except ValueError as e:
+            raise CLIError(f"--calibrate: {e}") from None
+    print(cal)
+    policy = cal.policy.set_seed(args.seed)
+    if args.sample_backward:
+        policy.set_sample_backward(True)
+    return policy
 
 
 def _jsonable(o):

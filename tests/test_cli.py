@@ -213,3 +213,28 @@ def test_tune_flag_writes_the_tuned_policy_and_uses_it(tmp_path):
     # the checkpoint holds the tuned policy: a load rebuilds the same choice
     ck = torch.load(tmp_path / "ck.pt", weights_only=True)
     assert ck["policy"].get("module_name", {}).keys() == pol.get("module_name", {}).keys()
+
+
+def test_calibrate_flag_uses_the_calibrated_policy(tmp_path):
+    from fxbns.datasets import photo_crops
+
+    x = photo_crops(size=32, count=32, seed=0)
+    torch.save(list(x.split(16)), tmp_path / "batches.pt")
+    p = run("--calibrate", tmp_path / "batches.pt", "--target-error", "0.2", "--save-policy", tmp_path / "p.json",
+            "--report", tmp_path / "r.json")
+    assert p.returncode == 0, p.stderr
+    assert "target error 0.2" in p.stdout and "2 batches of 16x3x32x32" in p.stdout
+    pol = json.loads((tmp_path / "p.json").read_text())
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert set(pol["module_name"]) == {s["name"] for s in rep["sites"]}  # every site named by the calibration
+    chosen = {n: s["kind"] for n, s in pol["module_name"].items()}
+    assert {s["name"]: (s["spec"] or {"kind": "exact"})["kind"] for s in rep["sites"]} == chosen
+    assert "fs" in chosen.values()
+    torch.save({"x": x}, tmp_path / "dict.pt")
+    for args, code, needle in [(["--calibrate", tmp_path / "dict.pt"], 1, "holds a dict"),
+                               (["--calibrate", tmp_path / "none.pt"], 1, "no such file"),
+                               (["--target-error", "0.1"], 2, "add --calibrate"),
+                               (["--calibrate", tmp_path / "batches.pt", "--target-error", "2"], 2, "(0, 1]")]:
+        p = run(*args)
+        assert p.returncode == code, (args, p.stderr)
+        assert needle in _one_error_line(p)

@@ -1,0 +1,337 @@
+"""fxbns.recalibrate and fxbns.calibrate: population statistics, state left alone, the calibrated policy."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import every_layer
+from torch import nn
+
+import fxbns
+from fxbns import BatchSampling, FeatureSampling
+from fxbns.datasets import photo_crops
+
+
+def _net():
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                         nn.Conv2d(6, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU())
+
+
+class _Functional(nn.Module):
+    """A BatchNorm written as an F.batch_norm call on the module's own buffers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.register_buffer("rm", torch.zeros(4))
+        self.register_buffer("rv", torch.ones(4))
+        self.w = nn.Parameter(torch.ones(4))
+        self.b = nn.Parameter(torch.zeros(4))
+
+    def forward(self, x):
+        return F.batch_norm(self.conv(x), self.rm, self.rv, self.w, self.b, self.training, 0.1, 1e-5)
+
+
+def _pooled(t: torch.Tensor):
+    """Mean and unbiased variance per channel of (N, C, ...) activations, as one batch."""
+    v = t.transpose(0, 1).reshape(t.shape[1], -1).double()
+    return v.mean(1), v.var(1)
+
+
+def _inputs_of(model: nn.Module, batches, kind=nn.BatchNorm2d):
+    """Each BatchNorm's inputs over a training forward of a copy, concatenated (the reference statistics)."""
+    m = copy.deepcopy(model).train()
+    seen: dict[str, list] = {}
+    for name, mod in m.named_modules():
+        if isinstance(mod, kind):
+            mod.register_forward_pre_hook(lambda mod, a, n=name: seen.setdefault(n, []).append(a[0].detach()))
+    with torch.no_grad():
+        for b in batches:
+            m(b)
+    return {k: torch.cat(v) for k, v in seen.items()}
+
+
+DATA = torch.randn(96, 3, 10, 10) * 2 + 0.5
+SPLITS = {"3x32": [DATA[:32], DATA[32:64], DATA[64:]], "16+48+32": [DATA[:16], DATA[16:64], DATA[64:]]}
+
+
+@pytest.mark.parametrize("split", list(SPLITS))
+def test_recalibrate_equals_pooled_statistics(split):
+    batches = SPLITS[split]
+    model = _net()
+    ref = _inputs_of(model, batches)
+    res = fxbns.recalibrate(model, batches, num_batches=len(batches))
+    assert res.batches == len(batches) and res.samples == 96 and not res.ran_out
+    for name in ("1", "4"):
+        mean, var = _pooled(ref[name])
+        bn = model.get_submodule(name)
+        torch.testing.assert_close(bn.running_mean.double(), mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(bn.running_var.double(), var, rtol=1e-5, atol=1e-6)
+    # the first site's input does not depend on the split: every split gives the same statistics
+    mean, var = _pooled(torch.cat([model[0](b) for b in batches]).detach())
+    torch.testing.assert_close(model[1].running_mean.double(), mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model[1].running_var.double(), var, rtol=1e-5, atol=1e-6)
+    assert [s.name for s in res.sites] == ["1", "4"] and res.sites[0].count == 96 * 100
+
+
+@pytest.mark.parametrize("policy", ["bs", "fs", "vdn"])
+def test_recalibrate_transformed_models(policy):
+    model = _net()
+    gm = fxbns.transform(model, every_layer(policy) if policy != "vdn" else "vdn", example_inputs=DATA[:2])
+    res = fxbns.recalibrate(gm, SPLITS["16+48+32"], num_batches=3)
+    assert len(res) == 2
+    # the first site sees the conv's output of the real rows only (the virtual rows of vdn are not counted)
+    mean, var = _pooled(model[0](DATA).detach())
+    sites = [m for m in gm.modules() if isinstance(m, fxbns.SampledBatchNorm)]
+    torch.testing.assert_close(sites[0].running_mean.double(), mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sites[0].running_var.double(), var, rtol=1e-5, atol=1e-6)
+    assert res.sites[0].count == 96 * 100
+
+
+class _TrainEvalDiffer(nn.Module):
+    """Code that reads self.training: a transformed model has a training graph and an eval graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return F.dropout(self.bn(self.conv(x)), 0.0, self.training)
+
+
+def test_recalibrate_from_eval_mode_runs_the_training_graph():
+    model = _TrainEvalDiffer()
+    gm = fxbns.transform(model, "vdn", example_inputs=DATA[:2])
+    graphs = gm._fxbns.graphs
+    assert graphs[True] is not graphs[False]
+    gm.eval()
+    res = fxbns.recalibrate(gm, SPLITS["3x32"], num_batches=3)
+    assert not gm.training
+    mean, var = _pooled(model.conv(DATA).detach())
+    torch.testing.assert_close(gm.bn.running_mean.double(), mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gm.bn.running_var.double(), var, rtol=1e-5, atol=1e-6)
+    assert res.sites[0].count == 96 * 64
+
+
+def test_recalibrate_functional_sites():
+    batches = [torch.randn(8, 3, 6, 6) for _ in range(3)]
+    plain = _Functional()
+    res = fxbns.recalibrate(plain, batches, num_batches=3)
+    mean, var = _pooled(torch.cat([plain.conv(b) for b in batches]).detach())
+    torch.testing.assert_close(plain.rm.double(), mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(plain.rv.double(), var, rtol=1e-5, atol=1e-6)
+    assert [s.name for s in res.sites] == ["batch_norm"] and res.sites[0].kind == "functional"
+    # the same through the transformed model's stand-in (sampled) and with the site left exact
+    for pol in (every_layer("fs"), "exact"):
+        m = _Functional()
+        gm = fxbns.transform(m, pol)
+        fxbns.recalibrate(gm, batches, num_batches=3)
+        mean, var = _pooled(torch.cat([m.conv(b) for b in batches]).detach())
+        torch.testing.assert_close(gm.rm.double(), mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gm.rv.double(), var, rtol=1e-5, atol=1e-6)
+
+
+def _state(gm):
+    out = {k: v.clone() for k, v in gm.state_dict().items() if "running_" not in k}
+    for name, m in gm.named_modules():
+        if "_fxbns_step" in m._buffers:
+            out[name + "._fxbns_step"] = m._fxbns_step.clone()
+        if "_host_step" in m.__dict__:
+            out[name + "._host_step"] = torch.tensor(m._host_step)
+    return out
+
+
+@pytest.mark.parametrize("policy", ["fs", "vdn"])
+def test_recalibrate_leaves_the_rest_alone(policy):
+    model = _net()
+    model[4].momentum = None  # cumulative average: restored as None
+    gm = fxbns.transform(model, every_layer(policy) if policy == "fs" else "vdn", example_inputs=DATA[:2])
+    gm.train()
+    opt = torch.optim.SGD(gm.parameters(), lr=0.1)
+    for i in range(3):  # a few steps: non-zero counters
+        gm(DATA[i * 16:(i + 1) * 16]).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    gm.eval()
+    gm.get_submodule("1").train()  # mixed modes
+    modes = {n: m.training for n, m in gm.named_modules()}
+    momenta = {n: m.momentum for n, m in gm.named_modules() if hasattr(m, "momentum")}
+    before = _state(gm)
+    rng = torch.get_rng_state()
+    twin = copy.deepcopy(gm)
+    fxbns.recalibrate(gm, SPLITS["3x32"], num_batches=3)
+    assert {n: m.training for n, m in gm.named_modules()} == modes
+    assert {n: m.momentum for n, m in gm.named_modules() if hasattr(m, "momentum")} == momenta
+    after = _state(gm)
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    assert torch.equal(rng, torch.get_rng_state())
+    # the next training step draws the same samples as it would have without recalibration
+    gm.train()
+    twin.train()
+    x = DATA[:16]
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), twin(x))
+
+
+def test_recalibrate_data_runs_out_and_zero_batches():
+    model = _net()
+    with pytest.warns(UserWarning, match="ran out after 2 of the 200"):
+        res = fxbns.recalibrate(model, iter([DATA[:8], (DATA[8:16], torch.zeros(8))]))
+    assert res.batches == 2 and res.requested == 200 and res.ran_out
+    assert "2 of the 200 batches asked for" in str(res)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="yielded no batches"):
+        fxbns.recalibrate(model, [])
+    with pytest.raises(ValueError, match="batch 0 is a str"):
+        fxbns.recalibrate(model, ["x"])
+    with pytest.raises(ValueError, match="num_batches must be an integer >= 1"):
+        fxbns.recalibrate(model, [DATA], num_batches=0)
+    with pytest.raises(ValueError, match=r"does not run on batch 1 \(shape \(4, 2, 10, 10\)\)"):
+        fxbns.recalibrate(model, [DATA[:4], torch.randn(4, 2, 10, 10)], num_batches=2)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing half-written
+
+
+def test_recalibrate_table_and_progress(capsys):
+    model = _net()
+    res = fxbns.recalibrate(model, SPLITS["3x32"], num_batches=3, progress=True)
+    err = capsys.readouterr().err
+    assert "recalibrate [" in err and "3/3 batches" in err
+    text = str(res)
+    assert "mean shift" in text and "\n1 " in text and "2 BatchNorm sites recalibrated over 3 batches" in text
+    d = res.to_dict()
+    assert d["sites"][0]["name"] == "1" and len(d["sites"][0]["new_mean"]) == 6
+
+
+# -- calibrate ---------------------------------------------------------------------------------------------------
+
+def _photo_batches(n, batch=32, seed=0):
+    x = photo_crops(size=32, count=n * batch, seed=seed)
+    x = (x - x.mean((0, 2, 3), keepdim=True)) / x.std((0, 2, 3), keepdim=True)
+    return list(x.split(batch))
+
+
+def _size(row):
+    return row["sample"] if row["spec"] is not None else math.prod(row["shape"][:1] + row["shape"][2:])
+
+
+def test_calibrate_lower_target_never_picks_smaller_samples():
+    torch.manual_seed(0)
+    model = _net()
+    batches = _photo_batches(3)
+    sizes = []
+    for target in (0.02, 0.05, 0.1, 0.3):
+        res = fxbns.calibrate(model, batches, target_error=target, num_batches=3)
+        sizes.append({r["name"]: _size(r) for r in res.table})
+        for r in res.table:
+            if r["spec"] is not None:
+                assert r["mean_error"] <= target and r["var_error"] <= target
+    for tighter, looser in zip(sizes, sizes[1:]):
+        assert all(tighter[k] >= looser[k] for k in tighter), (tighter, looser)
+    assert sizes[0] != sizes[-1]  # the target does change the choice
+
+
+class _Identity(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return self.bn(x)
+
+
+def _smooth_maps(n, c=4, size=32, seed=0):
+    """Strongly correlated maps: low-resolution noise upsampled, each sample with its own offset, plus a
+    position-dependent pattern common to every sample (a bright centre)."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.randn(n, c, 4, 4, generator=g)
+    x = F.interpolate(low, size=(size, size), mode="bicubic", align_corners=False)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    x = x + 1.5 * torch.exp(-4 * (yy ** 2 + xx ** 2)) + torch.randn(n, c, 1, 1, generator=g)
+    return x
+
+
+def test_calibrate_strongly_correlated_maps_get_fs_with_per_sample_offsets():
+    model = _Identity(4)
+    batches = list(_smooth_maps(4 * 32).split(32))
+    res = fxbns.calibrate(model, batches, target_error=0.1)
+    row = res.table[0]
+    assert row["rho1"] > 0.9 and row["between"] > 0.2
+    spec = row["spec"]
+    assert isinstance(spec, FeatureSampling) and spec.per_sample, spec
+    # BS at a larger sample is predicted worse than the chosen FS sample; so is FS with one offset for the batch
+    cands = row["candidates"]
+    bs = [c for c in cands if isinstance(c["spec"], BatchSampling) and c["sample"] >= row["sample"]]
+    assert bs and all(c["var_error"] > row["var_error"] and c["mean_error"] > row["mean_error"] for c in bs)
+    shared = [c for c in cands if isinstance(c["spec"], FeatureSampling) and not c["spec"].per_sample
+              and c["sample"] == row["sample"]]
+    assert shared and all(max(c["mean_error"], c["var_error"]) > 0.1 for c in shared)
+
+
+def test_calibrate_predicts_independent_values():
+    """White noise: every sample's error is that of n independent values (finite-population corrected)."""
+    model = _Identity(8)
+    batches = [torch.randn(32, 8, 16, 16) for _ in range(4)]
+    res = fxbns.calibrate(model, batches, target_error=0.05)
+    total = 32 * 256
+    for c in res.table[0]["candidates"]:
+        n = c["sample"]
+        expect = math.sqrt(1 / n - 1 / total)
+        assert c["mean_error"] == pytest.approx(expect, rel=0.15), c
+        assert c["var_error"] == pytest.approx(math.sqrt(2) * expect, rel=0.2), c
+
+
+def test_calibrate_leaves_state_and_roundtrips_policy(tmp_path):
+    model = _net()
+    model.eval()
+    before = copy.deepcopy(model.state_dict())
+    rng = torch.get_rng_state()
+    res = fxbns.calibrate(model, _photo_batches(2, batch=16), target_error=0.1, num_batches=2)
+    assert not model.training and all(not m.training for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(rng, torch.get_rng_state())
+    assert [r["name"] for r in res.table] == ["1", "4"]
+    assert set(res.policy.names) == {"1", "4"}
+    gm = fxbns.transform(model, res.policy)
+    rows = {r["name"]: r for r in fxbns.report(gm).rows}
+    for r in res.table:
+        assert rows[r["name"]]["estimator"] == (r["spec"].describe() if r["spec"] is not None else "exact")
+    fxbns.save(gm, tmp_path / "ck.pt")
+    back = fxbns.load(tmp_path / "ck.pt", _net())
+    assert back._fxbns.policy.to_dict() == res.policy.to_dict()
+    res.policy.save(tmp_path / "p.json")
+    assert fxbns.Policy.load(tmp_path / "p.json").to_dict() == res.policy.to_dict()
+    d = res.to_dict()
+    assert d["sites"][0]["name"] == "1" and "candidates" in d["sites"][0] and d["target_error"] == 0.1
+    text = str(res)
+    assert "rho(1)" in text and "2 BatchNorm sites" in text
+
+
+def test_calibrate_transformed_model_and_functional_site():
+    m = _Functional()
+    batches = [torch.randn(16, 3, 18, 18) for _ in range(2)]
+    res = fxbns.calibrate(fxbns.transform(m, every_layer("fs")), batches, target_error=0.2, num_batches=2)
+    assert [r["name"] for r in res.table] == ["batch_norm"]
+    gm = fxbns.transform(m, res.policy)  # the original model takes the policy
+    assert fxbns.report(gm).rows[0]["name"] == "batch_norm"
+
+
+def test_calibrate_errors():
+    model = _net()
+    with pytest.raises(ValueError, match="yielded no batches"):
+        fxbns.calibrate(model, [])
+    with pytest.raises(ValueError, match=r"one shape .* batch 0 is \(8, 3, 10, 10\), batch 1 is \(4, 3, 10, 10\)"):
+        fxbns.calibrate(model, [DATA[:8], DATA[:4]])
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        fxbns.calibrate(model, [DATA[:1]])
+    with pytest.raises(ValueError, match=r"does not run on batch 0 \(shape \(8, 2, 10, 10\)\)"):
+        fxbns.calibrate(model, [torch.randn(8, 2, 10, 10)])
+    with pytest.raises(ValueError, match=r"target_error must be a number in \(0, 1\]"):
+        fxbns.calibrate(model, [DATA[:8]], target_error=0)
+    with pytest.raises(ValueError, match="batch 0 is a list"):
+        fxbns.calibrate(model, [[[1, 2]]])
