@@ -439,7 +439,7 @@ def explain(model: nn.Module, policy: Any = "fs", example_inputs=None, *, leaf_m
     >>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
     >>> row = fxbns.explain(m, "bs", torch.randn(2, 3, 8, 8)).rows[0]
     >>> row["estimator"], row["runs"]
-    ('bs(ratio=0.125, exact below 262144)', 'exact')
+    ('bs(ratio=0.125, device speed rule)', 'exact')
     """
     pol = resolve_policy(policy)
     before = set(vars(model))

@@ -367,8 +367,8 @@ def test_spec_dicts():
     (lambda: VirtualDataset(real=Exact()), "VirtualDataset.real must be None, BatchSampling or FeatureSampling; "
                                            "got Exact()"),
     (lambda: MicroBatch(estimator=BatchSampling()), "MicroBatch.estimator must be a VirtualDataset; got BatchSampling("),
-    (lambda: Policy().set_min_elements(-2), "Policy.min_elements must be an integer >= 0 (0: sample every layer); "
-                                            "got -2"),
+    (lambda: Policy().set_min_elements(-2), "Policy.min_elements must be None (the device's speed rule) or an integer "
+                                            ">= 0 (0: sample every layer); got -2"),
     (lambda: Policy(BS).set_callable(lambda *a: ...).to_dict(),
      "a Policy with a callable (set_callable) cannot be saved as a dict; express it with set_module_name / "
      "set_module_name_regex instead"),
