@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._version import __version__
+from .distributed import describe_group
 from .estimators import BatchSampling, Exact, FeatureSampling, VirtualDataset
 from .modules import FunctionalBatchNorm, SampledBatchNorm
 from .passes.forward import install_graph_forward, uninstall_graph_forward
@@ -155,9 +156,26 @@ def _plan(model: nn.Module, policy: Policy, leaf_modules, concrete_args, example
             continue
         spec = policy.spec_for(s.name, modules.get(s.name), s.producer, s)
         s.spec = spec
-        if spec is None:
+        if not s.sync and policy.sync_for(s.name):
+            s.sync, s.process_group = True, policy.sync_group
+        if s.sync:
+            _check_sync_spec(s, policy)
+        elif spec is None:
             s.reason = "policy: exact"
     return traced, sites
+
+
+def _check_sync_spec(s: Site, policy: Policy) -> None:
+    """A synchronized site's estimator: exact, bs or fs (VDN's virtual rows are the same on every rank)."""
+    if isinstance(s.spec, VirtualDataset):
+        why = "an nn.SyncBatchNorm" if s.module_type == "SyncBatchNorm" else "Policy.set_sync"
+        raise ValueError(
+            f"site {s.name!r} is synchronized across processes ({why}) "
+            f"but its estimator is {s.spec.describe()}: VirtualDataset statistics cannot be synchronized. Give "
+            f"it exact, bs or fs statistics (Policy.set_module_name({s.name!r}, ...)), or leave it unsynchronized "
+            f"(Policy.set_sync(module_name_regex=...))")
+    if policy.micro is not None:
+        s.notes.append("synchronized: not in the micro-batch regime (statistics from the whole group)")
 
 
 def _virtual_config(policy: Policy, sites: list[Site]) -> tuple[VirtualBatch | None, str | None]:
@@ -176,7 +194,7 @@ def _virtual_config(policy: Policy, sites: list[Site]) -> tuple[VirtualBatch | N
 def _short_reason(s: Site) -> str | None:
     """A few words for a site left as it is (the full sentence stays in the row's ``reason``)."""
     r = s.reason or ""
-    for key, short in (("SyncBatchNorm", "SyncBatchNorm: left exact"), ("own forward", "BN subclass: own forward"),
+    for key, short in (("own forward", "BN subclass: own forward"),
                        ("FrozenBatchNorm2d", "frozen: fixed statistics"), ("LazyBatchNorm", "uninitialised lazy BN"),
                        ("run time", "momentum/eps computed at run time"), ("policy: exact", "policy: exact")):
         if key in r:
@@ -214,6 +232,7 @@ def _row(s: Site, *, spec, micro, shape, live_type: str, via: str | None, eager_
                      f"{micro.estimator.describe()} (virtual rows appended)")
     if s.calls > 1:
         why = f"{why}; {s.calls} calls"
+    sync = describe_group(s.process_group) if s.sync and replaced is None and not left_alone else None
     if runs is not None and why and why not in notes and replaced is None:
         notes.insert(0, f"{runs}: {why}")
     vb_at = None
@@ -225,7 +244,8 @@ def _row(s: Site, *, spec, micro, shape, live_type: str, via: str | None, eager_
             "estimator": spec.describe() if spec is not None else "exact", "spec": spec,
             "runs": runs, "why": why, "via": via, "active": active.describe() if active is not None else None,
             "virtual_batch": vb_at, "sample": n, "fraction": frac, "calls": s.calls,
-            "exact_below_batch": below, "reason": "; ".join([r for r in [s.reason] if r] + notes) or None}
+            "exact_below_batch": below, "sync": sync,
+            "reason": "; ".join([r for r in [s.reason] if r] + notes) or None}
 
 
 def _explain_report(traced, sites, policy: Policy, vdesc, is_cpu: bool) -> Report:
@@ -321,7 +341,7 @@ def transform(model: nn.Module, policy: Any = "fs", *, example_inputs=None, inpl
         raise ValueError(f"the model has uninitialised lazy modules ({', '.join(lazy[:3])}), which cannot be "
                          f"copied: pass example_inputs=... to materialise them, run one forward first, or use "
                          f"inplace=True (lazy BatchNorms are then left exact)")
-    root = model if inplace else copy.deepcopy(model)
+    root = model if inplace else copy.deepcopy(model, _group_memo(model, pol))
     before = set(vars(root))
     traced, sites = _plan(root, pol, tuple(leaf_modules), concrete_args, example_inputs)
     constants = [k for k in vars(root) if k not in before and k.startswith("_tensor_constant")]
@@ -366,24 +386,75 @@ def transform(model: nn.Module, policy: Any = "fs", *, example_inputs=None, inpl
         for k in constants:  # only the (unused) traced graph reads them
             delattr(root, k)
     root._fxbns = info
+    if res.swapped:  # training refuses to run once a swapped site is replaced (convert_sync_batchnorm)
+        root._fxbns_hooks = getattr(root, "_fxbns_hooks", ()) + (root.register_forward_pre_hook(_check_sites),)
     _warn_sample_backward(root)
     return root
 
 
+def _group_memo(model: nn.Module, policy: Policy | None = None) -> dict:
+    """A ``copy.deepcopy`` memo that shares (does not copy) the process groups of the model and the policy: a
+    ``torch.distributed`` process group cannot be copied, and a copy synchronizes over the same group."""
+    groups = [policy.sync_group] if policy is not None else []
+    info = getattr(model, "_fxbns", None)
+    if info is not None:
+        groups.append(info.policy.sync_group)
+    groups += [m.__dict__.get("process_group") for m in model.modules()]
+    return {id(g): g for g in groups if g is not None}
+
+
+def _replaced_sites(model: nn.Module) -> list[str]:
+    """Sites the transform swapped for fxbns modules that something replaced since (for example
+    ``nn.SyncBatchNorm.convert_sync_batchnorm``, which turns every BatchNorm subclass into a plain SyncBatchNorm).
+    The (parent, attribute) slots are worked out once per model object (a copy works them out again), so the
+    check is a type test per site."""
+    cached = model.__dict__.get("_fxbns_slots")
+    if cached is None or cached[0] != id(model):
+        info = model.__dict__.get("_fxbns")
+        slots = []
+        for s in (info.sites if info is not None else ()):
+            if s.kind != "functional" and rewritten(s, info.virtual is not None):
+                owner, _, attr = s.name.rpartition(".")
+                try:
+                    slots.append((model.get_submodule(owner) if owner else model, attr, s.name))
+                except AttributeError:
+                    continue
+        cached = model.__dict__["_fxbns_slots"] = (id(model), slots)
+    return [f"{name} (now {type(parent._modules.get(attr)).__name__})" for parent, attr, name in cached[1]
+            if not isinstance(parent._modules.get(attr), SampledBatchNorm)]
+
+
+def _check_sites(model: nn.Module, args) -> None:
+    """Forward pre-hook of a transformed model: in training, refuse to run once a swapped site was replaced, which
+    would train with other statistics than the report says and, with synchronized sites, mix fxbns's collectives
+    with another module's (a type test per site; nothing on the tensors)."""
+    if model.training and not torch.compiler.is_compiling():
+        names = _replaced_sites(model)
+        if names:
+            more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+            raise RuntimeError(
+                f"fxbns sites were replaced after fxbns.transform: {', '.join(names[:5])}{more}. They would train "
+                f"with other statistics and collectives than fxbns.report says. nn.SyncBatchNorm."
+                f"convert_sync_batchnorm does this; to synchronize statistics use Policy.set_sync(process_group) in "
+                f"fxbns.transform (exact or sampled), or call convert_sync_batchnorm before transforming (its "
+                f"SyncBatchNorms become synchronized fxbns sites)")
+
+
 def _warn_sample_backward(model: nn.Module) -> None:
-    """Say so when a rewritten site estimates its backward's sums from the sample: on deep models that
-    inflates gradients, with fs enough to diverge (measured in ``examples/gradient_stability.py``)."""
+    """Say so when a rewritten site estimates its backward's sums from the sample: the sampling noise in every
+    layer's input gradient compounds on deep models (measured in ``examples/gradient_stability.py``)."""
     # the test train_forward makes: only BS and FS specs have the field (a VDN spec's real sample is mixed with
     # virtual rows in more than one group, where sample_backward is not used)
     n = sum(bool(getattr(m.estimator, "sample_backward", False)) for m in model.modules()
             if isinstance(m, (SampledBatchNorm, FunctionalBatchNorm)))
     if n:
         warnings.warn(
-            f"sample_backward is on for {n} BatchNorm site(s): their backward's statistics' term lands on the "
-            f"sampled elements only, with sums estimated from a sample, which inflates gradients on deep models "
-            f"(resnet50 from random weights: 14x exact BatchNorm's gradient norm with bs, a NaN loss with fs; "
-            f"examples/gradient_stability.py). Check gradient norms before training with it, or turn it off "
-            f"(Policy.set_sample_backward(False), or drop --sample-backward).", UserWarning, stacklevel=3)
+            f"sample_backward is on for {n} BatchNorm site(s): their backward's two gradient sums come from the "
+            f"sample, and the sampling noise this adds to every layer's input gradient compounds on deep models "
+            f"(resnet50 and mobilenet_v2 from random weights, 20 SGD steps: up to 2.8x exact BatchNorm's gradient "
+            f"norm with fs, up to 61x with bs, and a slower fall of the loss; examples/gradient_stability.py). "
+            f"Check gradient norms before training with it, or turn it off (Policy.set_sample_backward(False), "
+            f"or drop --sample-backward).", UserWarning, stacklevel=3)
 
 
 def _end_virtual(root: nn.Module, args, output) -> None:
@@ -505,10 +576,10 @@ def revert(model: nn.Module) -> nn.Module:
     info = getattr(model, "_fxbns", None)
     if info is None:
         raise ValueError("this model was not produced by fxbns.transform")
-    out = copy.deepcopy(model)
+    out = copy.deepcopy(model, _group_memo(model))
     for name, m in list(out.named_modules()):
         if isinstance(m, SampledBatchNorm):
-            out.set_submodule(name, m.to_batchnorm())
+            out.set_submodule(name, _to_sync_batchnorm(m) if m.__dict__.get("_fxbns_from_sync") else m.to_batchnorm())
     for path in info.added:
         owner, _, attr = path.rpartition(".")
         parent = out.get_submodule(owner) if owner else out
@@ -516,11 +587,22 @@ def revert(model: nn.Module) -> nn.Module:
             delattr(parent, attr)
     for h in getattr(out, "_fxbns_hooks", ()):
         h.remove()
-    for attr in ("_fxbns_hooks", "_fxbns_rows"):
+    for attr in ("_fxbns_hooks", "_fxbns_rows", "_fxbns_slots"):
         out.__dict__.pop(attr, None)
     uninstall_graph_forward(out)
     del out._fxbns
     return out
+
+
+def _to_sync_batchnorm(m: SampledBatchNorm) -> nn.SyncBatchNorm:
+    """The ``nn.SyncBatchNorm`` a site came from, sharing the site's parameters, buffers and process group."""
+    bn = nn.SyncBatchNorm(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats,
+                          m.__dict__.get("process_group"), device="meta")
+    bn.weight, bn.bias = m.weight, m.bias
+    bn.running_mean, bn.running_var = m.running_mean, m.running_var
+    bn.num_batches_tracked = m.num_batches_tracked
+    bn.training = m.training
+    return bn
 
 
 def save(model: nn.Module, path: str | os.PathLike) -> None:

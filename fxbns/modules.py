@@ -21,10 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import distributed as _dist
 from .estimators import BatchSampling, Exact, FeatureSampling, MicroBatch, VirtualDataset
 from .ops import dispatch, sampled_batch_norm
 from .ops.cpu import _FusedSampledBatchNorm, fused_plan
 from .ops.dispatch import choose_path, speed_rule
+from .ops.sync import synchronized_batch_norm
 from .sampling import build_groups, host_draw
 
 __all__ = ["SampledBatchNorm", "site_seed"]
@@ -36,11 +38,10 @@ def site_seed(name: str, seed: int = 0) -> int:
 
 
 def rank_seed(seed: int) -> int:
-    """``seed`` made different on every ``torch.distributed`` rank (the same on a single process), so ranks draw
-    different samples.  Host-side (no tensor is read)."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return (seed + 1000003 * dist.get_rank()) % 2147483647
+    """The seed this process draws with: :func:`fxbns.distributed.rank_seed` of ``seed`` and the global rank under
+    ``torch.distributed``, ``seed`` itself on a single process.  Host-side (no tensor is read)."""
+    if _dist.initialized():
+        return _dist.rank_seed(seed, torch.distributed.get_rank())
     return seed
 
 
@@ -73,6 +74,9 @@ class VirtualState:
 
 class SampledBatchNorm(_BatchNorm):
     """BatchNorm with sampled training statistics (BS, FS, VDN or micro-batch); exact ``nn.BatchNorm`` in eval."""
+
+    sync = False  # synchronize the training statistics across ``process_group`` (fxbns.ops.sync)
+    process_group = None  # None: the default group
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, *, estimator=None, micro: MicroBatch | None = None,
@@ -177,6 +181,9 @@ class SampledBatchNorm(_BatchNorm):
     def forward(self, input: torch.Tensor, n_real: int | None = None) -> torch.Tensor:
         if not self.training:
             return super().forward(input)
+        if self.sync and _dist.initialized():
+            return sync_forward(self, input, n_real, self.weight, self.bias, self.running_mean, self.running_var,
+                                self.num_batches_tracked if self.track_running_stats else None)
         if (n_real is None and self._vstate is None and not torch.compiler.is_compiling()
                 and _host_draws_ok(input, self)):
             # eager, every row real: what this shape gets (exact, or the sample's geometry drawn on the host) is
@@ -302,6 +309,9 @@ class FunctionalBatchNorm(nn.Module):
     Holds no parameters (they stay where the user's code keeps them); eval mode is that same call.
     """
 
+    sync = False  # as SampledBatchNorm's
+    process_group = None
+
     def __init__(self, momentum: float, eps: float, estimator=None, micro: MicroBatch | None = None,
                  seed: int = 0) -> None:
         super().__init__()
@@ -327,6 +337,8 @@ class FunctionalBatchNorm(nn.Module):
                                 self.eps)
         if self._fxbns_step.device != input.device:  # the model moved after the transform (a one-time move)
             self._fxbns_step = self._fxbns_step.to(input.device)
+        if self.sync and _dist.initialized():
+            return sync_forward(self, input, n_real, weight, bias, running_mean, running_var, None)
         n_real, spec = self._resolve(input, n_real)
         recompute = not torch.compiler.is_compiling() and _in_backward()
         if recompute:
@@ -436,4 +448,55 @@ def train_forward(input, n_real, spec, weight, bias, running_mean, running_var, 
     y = sampled_batch_norm(input, weight, bias, groups, eps, sb, running_mean, running_var, factor)
     if count:
         counter.add_(1)  # a buffer (no grad)
+    return y
+
+
+def sync_forward(site: nn.Module, input: torch.Tensor, n_real: int | None, weight, bias, running_mean, running_var,
+                 num_batches_tracked) -> torch.Tensor:
+    """A synchronized site's training forward (``site.sync`` set, ``torch.distributed`` initialised): the
+    statistics of the union of every rank's sample (:func:`fxbns.ops.sync.synchronized_batch_norm`).
+
+    The site's own estimator applies (a synchronized site is not in the micro-batch regime: its statistics come
+    from the whole group); a rank whose local batch the estimator would not sample (the speed and statistical
+    rules on the local shape, or no real row) contributes its whole batch.  One value per channel raises on a
+    group of one process, as ``nn.BatchNorm``; with more ranks the union holds more.
+    """
+    pg = site.__dict__.get("process_group")
+    if site.__dict__.get("_fxbns_sync_checked", False) is not pg:  # once per group object
+        _dist.check_member(pg, site.__dict__.get("_fxbns_name", ""))
+        site.__dict__["_fxbns_sync_checked"] = pg
+    check_dim = getattr(site, "_check_input_dim", None)
+    if check_dim is not None:
+        check_dim(input)
+    if n_real is None:
+        vs = site._vstate
+        n_real = vs.n_real if (vs is not None and vs.n_real is not None) else input.shape[0]
+    spec = site.estimator
+    if isinstance(spec, VirtualDataset):
+        raise ValueError(f"fxbns site {site.__dict__.get('_fxbns_name', '')!r} synchronizes its statistics but its "
+                         f"estimator is {spec.describe()}: VirtualDataset statistics cannot be synchronized (the "
+                         f"virtual rows are the same on every rank). Use exact, bs or fs for synchronized sites")
+    local = (n_real, *input.shape[1:])
+    if n_real == 0 or exact_reason(spec, local, input.device.type) is not None:
+        spec = Exact()
+    if n_real > 0 and math.prod(local) // local[1] <= 1 and torch.distributed.get_world_size(pg) == 1:
+        raise _one_value_error(local)
+    compiling = torch.compiler.is_compiling()
+    recompute = not compiling and _in_backward()
+    host = site._next_host_step() if (not compiling and _host_draws_ok(input, site)) else None
+    counter = num_batches_tracked if num_batches_tracked is not None else site._fxbns_step
+    groups = build_groups(spec, tuple(input.shape), n_real, input.shape[0] - n_real, counter, rank_seed(site.seed),
+                          host)
+    track = running_mean is not None and running_var is not None and not recompute
+    factor = site.momentum
+    counted = False
+    if track and factor is None:  # the cumulative moving average, as nn.BatchNorm
+        counter.add_(1)
+        factor = 1.0 / counter.to(running_mean.dtype)
+        counted = True
+    y = synchronized_batch_norm(input, weight, bias, groups[0], site.eps, bool(getattr(spec, "sample_backward", False)),
+                                pg, running_mean if track else None, running_var if track else None, factor)
+    if not recompute and not counted:
+        counter.add_(1)
+    site.__dict__["last_runs"] = "exact" if isinstance(spec, Exact) else "sampled"
     return y

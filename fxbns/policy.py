@@ -59,6 +59,7 @@ from typing import Any
 
 from torch import nn
 
+from .distributed import _non_member
 from .estimators import (
     BatchSampling,
     Exact,
@@ -91,6 +92,7 @@ _TYPE_NAMES = {
     "BatchNorm1d": nn.BatchNorm1d,
     "BatchNorm2d": nn.BatchNorm2d,
     "BatchNorm3d": nn.BatchNorm3d,
+    "SyncBatchNorm": nn.SyncBatchNorm,
 }
 
 
@@ -109,6 +111,9 @@ class Policy:
         self.seed = int(seed)
         self.input_name = input_name
         self.preset: str | None = None
+        self.sync = False  # synchronize statistics across processes (set_sync)
+        self.sync_group: Any = None  # its process group (None: WORLD)
+        self.sync_regex: str | None = None  # only the sites whose name fully matches (None: every site)
 
     # -- setters ---------------------------------------------------------------------------------
     def set_global(self, spec: Any) -> Policy:
@@ -215,6 +220,54 @@ class Policy:
         self.name_regexes = [(p, fix(s)) for p, s in self.name_regexes]
         self.names = {k: fix(v) for k, v in self.names.items()}
         return self
+
+    def set_sync(self, process_group: Any = None, *, module_name_regex: str | None = None,
+                 enabled: bool = True) -> Policy:
+        """Synchronize training statistics across processes (``torch.distributed``), exact or sampled.
+
+        Every synchronized site combines the count, mean and squared deviations of each rank's sample (its
+        estimator's sample, or the whole local batch for exact sites) in one collective per layer and step, and
+        its backward's two gradient sums in one more (``fxbns.distributed``).  While ``torch.distributed`` is not
+        initialised it does nothing, as ``nn.SyncBatchNorm``.  ``nn.SyncBatchNorm`` modules of the model are
+        synchronized sites whatever this says, over their own process group.  A synchronized site does not take
+        part in the micro-batch regime (its statistics come from the whole group), and VirtualDataset sites
+        cannot be synchronized (``transform`` says so).
+
+        Args:
+            process_group: the ``torch.distributed`` group to synchronize over; ``None`` is the whole world.
+                A process group cannot be saved: ``to_dict`` writes ``None`` (WORLD), so after loading a policy
+                that synchronized over another group, call ``set_sync(group)`` again.  A group that does not
+                contain a rank raises on that rank at its first training step.
+            module_name_regex: synchronize only the sites whose qualified name fully matches it (the others
+                keep per-rank statistics); ``None``: every site.
+            enabled: ``False`` turns synchronization off again.
+
+        Returns:
+            The policy (setters chain).
+
+        >>> from fxbns import Policy
+        >>> Policy.from_preset("exact").set_sync().to_dict()["sync"]
+        {'process_group': None}
+        """
+        if not isinstance(enabled, bool):
+            raise TypeError(f"set_sync: enabled must be True or False, got {enabled!r}")
+        if process_group is not None:
+            import torch.distributed as dist
+            # (torch.distributed.new_group returns GroupMember.NON_GROUP_MEMBER on the ranks it leaves out: accepted
+            # here, and such a rank raises at its first training step, where the group is used)
+            if not (dist.is_available() and (isinstance(process_group, dist.ProcessGroup)
+                                             or _non_member(process_group))):
+                raise TypeError(f"set_sync takes a torch.distributed ProcessGroup (e.g. from "
+                                f"torch.distributed.new_group) or None for the whole world; got {process_group!r}")
+        if module_name_regex is not None:
+            re.compile(module_name_regex)
+        self.sync, self.sync_group, self.sync_regex = enabled, process_group if enabled else None, (
+            module_name_regex if enabled else None)
+        return self
+
+    def sync_for(self, qualname: str) -> bool:
+        """Whether the policy synchronizes the site named ``qualname`` (see :meth:`set_sync`)."""
+        return self.sync and (self.sync_regex is None or re.fullmatch(self.sync_regex, qualname) is not None)
 
     def set_seed(self, seed: int) -> Policy:
         self.seed = int(seed)
@@ -323,6 +376,10 @@ class Policy:
             d["input"] = self.input_name
         if self.preset is not None:
             d["preset"] = self.preset
+        if self.sync:  # the process group itself is not serialisable: None (WORLD) on reload, see set_sync
+            d["sync"] = {"process_group": None}
+            if self.sync_regex is not None:
+                d["sync"]["module_name_regex"] = self.sync_regex
         return d
 
     @classmethod
@@ -341,7 +398,7 @@ class Policy:
         if not isinstance(d, dict):
             raise ValueError(f"a policy must be a mapping; got {type(d).__name__}")
         known = {"default", "conv_bn", "object_type", "module_name_regex", "module_name", "micro_batch", "seed",
-                 "input", "preset"}
+                 "input", "preset", "sync"}
         extra = set(d) - known
         if extra:
             raise ValueError(f"unknown policy keys {sorted(extra)}; allowed: {sorted(known)}")
@@ -367,6 +424,13 @@ class Policy:
         if "micro_batch" in d:
             p.set_micro_batch(_spec(d["micro_batch"], "micro_batch", micro=True))
         p.preset = d.get("preset")
+        sync = d.get("sync")
+        if sync is not None:
+            if not isinstance(sync, dict) or set(sync) - {"process_group", "module_name_regex"} or \
+                    sync.get("process_group") is not None:
+                raise ValueError(f"policy key 'sync' must be a mapping {{'process_group': null (the whole world), "
+                                 f"'module_name_regex': optional pattern}}; got {sync!r}")
+            p.set_sync(None, module_name_regex=sync.get("module_name_regex"))
         return p
 
     def save(self, path: str | os.PathLike) -> None:

@@ -122,7 +122,8 @@ class Report:
 
     Attributes:
         rows: per-site dicts; keys include ``name``, ``shape``, ``estimator``, ``runs``, ``why``, ``via``,
-            ``reason`` (every note), ``exact_below_batch``, ``sample`` and ``fraction``.
+            ``reason`` (every note), ``exact_below_batch``, ``sample``, ``fraction`` and ``sync`` (the process
+            group a synchronized site combines its statistics over, e.g. ``"world"``; ``None`` for per-rank).
         mode: ``"swap"`` (the model's own forward runs; BatchNorm modules swapped in place) or ``"graph"``
             (the model's class keeps its methods, its forward runs the traced graph: functional sites or a
             virtual batch need it).
@@ -173,14 +174,15 @@ class Report:
         distinct = list(dict.fromkeys(e for e in ests if e != "exact"))
         legend = {e: chr(ord("A") + i) if i < 26 else str(i) for i, e in enumerate(distinct)}
         vias = {r.get("via") for r in self.rows}
+        synced = [r for r in self.rows if r.get("sync")]
         cols = ["name"] + (["via"] if len(vias) > 1 else []) + ["shape"] + (["est"] if len(distinct) > 1 else []) \
-            + ["runs", "why"]
+            + ["runs"] + (["sync"] if synced else []) + ["why"]
         table = []
         for r in self.rows:
             cell = {"name": r["name"], "via": r.get("via") or "-",
                     "shape": "x".join(map(str, r["shape"])) if r.get("shape") else "?",
                     "est": legend.get(r.get("estimator", "exact"), "-"), "runs": r.get("runs") or "?",
-                    "why": r.get("why") or ""}
+                    "why": r.get("why") or "", "sync": r.get("sync") or "-"}
             table.append([cell[c] for c in cols])
         widths = [max([len(c)] + [len(t[i]) for t in table]) for i, c in enumerate(cols)]
         used = sum(widths[:-1]) + 2 * (len(cols) - 1)
@@ -205,6 +207,9 @@ class Report:
             span = f"{small[0]}" + (f"-{small[-1]}" if len(small) > 1 else "")
             lines.append(f"{n_small} sites keep exact statistics at small batches (min_elements); "
                          f"they sample from batch {span} on")
+        if synced:
+            lines.append(f"{len(synced)} of {len(self.rows)} sites synchronize their statistics across processes "
+                         f"(column sync; per-rank statistics while torch.distributed is not initialised)")
         if self.virtual:
             lines.append(f"virtual batch: {self.virtual}")
         if self.micro:

@@ -144,7 +144,7 @@ def test_from_dict_refuses_what_it_cannot_read():
     with pytest.raises(ValueError, match=r"unknown policy keys \['defaults'\]; allowed: \['conv_bn'"):
         Policy.from_dict({"defaults": None})
     with pytest.raises(ValueError, match=r"unknown object_type 'BatchNorm4d'; use one of \['BatchNorm1d', "
-                                         r"'BatchNorm2d', 'BatchNorm3d'\]"):
+                                         r"'BatchNorm2d', 'BatchNorm3d', 'SyncBatchNorm'\]"):
         Policy.from_dict({"object_type": [["BatchNorm4d", None]]})
     for name, cls in (("BatchNorm1d", nn.BatchNorm1d), ("BatchNorm2d", nn.BatchNorm2d),
                       ("BatchNorm3d", nn.BatchNorm3d)):

@@ -239,13 +239,14 @@ def test_bn_subclasses_frozen_and_lazy():
     reasons = {r["name"]: r["reason"] or "" for r in rep.rows}
     assert "fused activation" in reasons["1"]
     assert "FrozenBatchNorm2d" in reasons["3"]
-    assert "SyncBatchNorm" in reasons["5"]
+    assert reasons["5"] == "" and {r["name"]: r["sync"] for r in rep.rows}["5"] == "world"  # a synchronized site
     assert "LazyBatchNorm" in reasons["7"] and "example_inputs" in reasons["7"]
     x = torch.randn(2, 3, 8, 8)
     gm = fxbns.transform(m, "fs", example_inputs=x)  # materialises the lazy BN
     by = {r["name"]: r for r in fxbns.report(gm).rows}
     assert by["7"]["estimator"] != "exact" and by["1"]["estimator"] == "exact"
     assert type(gm.get_submodule("1")) is BatchNormAct2d
+    assert gm.get_submodule("5").sync and gm.get_submodule("5").process_group is None
     gm.eval()
     m.eval()
     torch.testing.assert_close(gm(x), m(x), rtol=0, atol=0)

@@ -503,6 +503,11 @@ def bench_kernels(args) -> dict:
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["dist"]:  # synchronized BatchNorm on gloo ranks: tools/bench_dist.py
+        _ensure_allocator("tuned")
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_dist import main as bench_dist
+        return bench_dist(sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("mode", choices=["layer", "train", "onnx", "transform", "kernels"])
     ap.add_argument("--device", default="cuda" if os.environ.get("FXBNS_BENCH_CUDA") else "cpu")

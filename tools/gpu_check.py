@@ -199,7 +199,8 @@ def bench_steps(args, device) -> list[dict]:
 
 def run_tests(args) -> dict:
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_ops.py"]
-    cmd += ["-k", "launches or formula"] if args.smoke else ["-m", "cuda"]
+    # on the GPU: every cuda-marked test, the synchronized op on NCCL's one-rank group included
+    cmd += ["-k", "launches or formula"] if args.smoke else ["tests/test_distributed.py", "-m", "cuda"]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     tail = (p.stdout + p.stderr).strip().splitlines()[-1:] or [""]
     print(f"tests: {' '.join(cmd[3:])}: {tail[0]}", flush=True)

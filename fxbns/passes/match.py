@@ -42,15 +42,14 @@ class Site:
     spec: Any = None  # planned estimator (None: left exact)
     reason: str | None = None  # why the site stays exact, or notes
     notes: list[str] = field(default_factory=list)
+    sync: bool = False  # statistics synchronized across processes (nn.SyncBatchNorm, or Policy.set_sync)
+    process_group: Any = None  # the torch.distributed group of a synchronized site (None: WORLD)
 
 
 def _left_alone_reason(m: nn.Module) -> str | None:
     if isinstance(m, _LazyNormBase) and m.has_uninitialized_params():
         return "uninitialised LazyBatchNorm: pass example_inputs to transform() to materialise it"
-    if isinstance(m, nn.SyncBatchNorm):
-        return ("SyncBatchNorm reduces statistics across processes; sampling it would change distributed "
-                "semantics, so it stays exact")
-    if type(m) not in STANDARD_BN and isinstance(m, _BatchNorm):
+    if type(m) not in STANDARD_BN and type(m) is not nn.SyncBatchNorm and isinstance(m, _BatchNorm):
         return (f"{type(m).__name__} subclasses BatchNorm with its own forward (extra behaviour such as a fused "
                 f"activation); left exact so that behaviour is kept")
     return None
@@ -125,6 +124,10 @@ def find_sites(model: nn.Module, traced: TraceResult | None) -> list[Site]:
         elif _is_frozen(m):
             sites[name] = Site(name, "inner", type(m).__name__, "other", None,
                                reason="FrozenBatchNorm2d has fixed statistics; nothing to estimate")
+    for s in sites.values():  # a model's SyncBatchNorms: synchronized sites over their own process group
+        m = modules.get(s.name)
+        if type(m) is nn.SyncBatchNorm and s.reason is None:
+            s.sync, s.process_group = True, m.process_group
     return list(sites.values())
 
 

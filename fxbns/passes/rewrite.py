@@ -44,10 +44,11 @@ def _tag(spec) -> str:
 
 def rewritten(s: Site, rewrite_all: bool) -> bool:
     """Whether site ``s`` is rewritten: planned with an estimator, or (``rewrite_all``: a virtual batch in the
-    model) left exact by the policy, so that its statistics still exclude the virtual rows."""
+    model) left exact by the policy, so that its statistics still exclude the virtual rows; or synchronized
+    across processes (exact statistics over the process group)."""
     if s.spec is not None:
         return s.reason is None
-    return rewrite_all and s.reason in (None, "policy: exact")
+    return (rewrite_all and s.reason in (None, "policy: exact")) or (s.sync and s.reason is None)
 
 
 def swap_modules(root: nn.Module, sites: list[Site], micro, seed: int, vstate: VirtualState | None,
@@ -64,9 +65,17 @@ def swap_modules(root: nn.Module, sites: list[Site], micro, seed: int, vstate: V
         new = SampledBatchNorm.from_batchnorm(bn, s.spec if s.spec is not None else Exact(), micro=micro,
                                               seed=site_seed(s.name, seed))
         new._vstate = vstate
+        _set_sync(new, s)
+        new._fxbns_from_sync = type(bn) is nn.SyncBatchNorm  # revert gives it back as one
         root.set_submodule(s.name, new)
         res.swapped.append(s.name)
     return res
+
+
+def _set_sync(mod: nn.Module, s: Site) -> None:
+    """The site's synchronization (``fxbns.distributed``): instance attributes the training forward reads."""
+    mod.sync, mod.process_group = s.sync, s.process_group
+    mod._fxbns_name = s.name
 
 
 def _functional_args(node: fx.Node) -> dict:
@@ -104,6 +113,7 @@ def rewrite_graph(root: nn.Module, graph: fx.Graph, sites: list[Site], micro, se
                 mod = FunctionalBatchNorm(a["momentum"], a["eps"], s.spec if s.spec is not None else Exact(),
                                           micro, site_seed(s.name, seed))
                 mod._vstate = vstate
+                _set_sync(mod, s)
                 base = f"_fxbns_bn{len(res.functional)}"
                 path = f"{owner}.{base}" if owner else base
                 root.get_submodule(owner).add_module(base, mod) if owner else root.add_module(base, mod)
