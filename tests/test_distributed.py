@@ -13,6 +13,7 @@ import os
 import socket
 import time
 
+import cuda_primitives
 import pytest
 import torch
 import torch.distributed as dist
@@ -28,8 +29,6 @@ from fxbns.modules import SampledBatchNorm, site_seed
 from fxbns.ops import dispatch
 from fxbns.ops.sync import synchronized_batch_norm
 from fxbns.sampling import build_groups, gather
-
-import cuda_primitives
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
