@@ -34,7 +34,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
-from .estimators import BatchSampling, Exact, FeatureSampling, layer_size, spec_to_dict
+from .estimators import BatchSampling, Exact, FeatureSampling, VirtualDataset, layer_size, spec_to_dict
 from .modules import FunctionalBatchNorm
 from .passes.virtual import VirtualBatch
 from .policy import Policy
@@ -72,10 +72,12 @@ class _Capture(TorchFunctionMode):
     function mode, which also sets their momentum to 0 so that they leave their running statistics alone.
     """
 
-    def __init__(self, model: nn.Module, consume: Callable[[_SiteRef, torch.Tensor], None]) -> None:
+    def __init__(self, model: nn.Module, consume: Callable[[_SiteRef, torch.Tensor], None],
+                 consume_virtual: Callable[[_SiteRef, nn.Module, int, torch.Tensor], None] | None = None) -> None:
         super().__init__()
         self.model = model
         self._consume = consume
+        self._consume_virtual = consume_virtual  # (site, fxbns module, real rows, virtual rows): VDN sites
         self.depth = 0  # > 0 inside a BatchNorm module's forward (its own batch_norm call is not a new site)
         self.virtual = [m for m in model.modules() if isinstance(m, VirtualBatch)]
         self.names = {id(t): n for n, t in itertools.chain(model.named_buffers(remove_duplicate=False),
@@ -96,6 +98,13 @@ class _Capture(TorchFunctionMode):
     def consume(self, site: _SiteRef, x: torch.Tensor) -> None:
         with torch._C.DisableTorchFunction():  # the statistics' own arithmetic is not the model's: not intercepted
             self._consume(site, x)
+
+    def consume_rows(self, site: _SiteRef, mod: nn.Module, x: torch.Tensor, n_real: int) -> None:
+        """The real rows to ``consume``; the virtual rows of an fxbns site to ``consume_virtual``."""
+        self.consume(site, x[:n_real])
+        if self._consume_virtual is not None and n_real < x.shape[0]:
+            with torch._C.DisableTorchFunction():
+                self._consume_virtual(site, mod, n_real, x[n_real:])
 
     def remove(self) -> None:
         for h in self.handles:
@@ -119,7 +128,7 @@ class _Capture(TorchFunctionMode):
             if self.depth == 1 and mod.training and args:
                 x = args[0]
                 n_real = args[1] if len(args) > 1 else kwargs.get("n_real")
-                self.consume(site, x[:self._n_real(mod, x, n_real)])
+                self.consume_rows(site, mod, x, self._n_real(mod, x, n_real))
         return pre
 
     def _standin_pre(self, mod: FunctionalBatchNorm):
@@ -130,7 +139,7 @@ class _Capture(TorchFunctionMode):
                 x, rm, rv = a[0], kwargs.get("running_mean", a[1]), kwargs.get("running_var", a[2])
                 n_real = kwargs.get("n_real", a[5])
                 site = self._functional_site(rm, rv, mod)
-                self.consume(site, x[:self._n_real(mod, x, n_real)])
+                self.consume_rows(site, mod, x, self._n_real(mod, x, n_real))
         return pre
 
     def _post(self, mod, args, out):
@@ -279,12 +288,13 @@ def _check_num_batches(num_batches: Any, what: str) -> None:
         raise ValueError(f"{what}: num_batches must be an integer >= 1; got {num_batches!r}")
 
 
-def _run(model: nn.Module, inputs: Iterable[torch.Tensor], consume, what: str, progress: _Progress | None = None
-         ) -> tuple[int, list[_SiteRef], list[tuple[torch.Tensor, torch.Tensor]]]:
-    """The training forward on every input, ``consume`` called per site call.  Returns (batches run, the
-    functional sites met, their running statistics as first seen).  The caller restores the model."""
+def _run(model: nn.Module, inputs: Iterable[torch.Tensor], consume, what: str, progress: _Progress | None = None,
+         consume_virtual=None) -> tuple[int, list[_SiteRef], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The training forward on every input, ``consume`` called per site call (``consume_virtual`` for the virtual
+    rows of fxbns sites).  Returns (batches run, the functional sites met, their running statistics as first
+    seen).  The caller restores the model."""
     dev = _model_device(model)
-    cap = _Capture(model, consume)
+    cap = _Capture(model, consume, consume_virtual)
     n = 0
     try:
         with cap:
@@ -413,6 +423,19 @@ def _table(cols: list[str], rows: list[list[str]]) -> list[str]:
 
 
 @torch.no_grad()
+def _vdn_population(spec: VirtualDataset, real: _Moments, virtual: _Moments) -> tuple[torch.Tensor, torch.Tensor]:
+    """A VDN site's statistics with the real part taken over the whole population: the virtual rows' moments
+    pooled with the real rows' with weights ``mix`` and ``1 - mix``, as the site pools them in training
+    (``mean = sum_k w_k mean_k``, ``var = sum_k w_k mean_k((x - mean)^2)``), unbiased with the pooled count."""
+    w = float(spec.mix)
+    vm, vv = virtual.mean, virtual.m2 / max(virtual.n, 1)
+    rm, rv = real.mean, real.m2 / max(real.n, 1)
+    mean = w * vm + (1 - w) * rm
+    var = w * (vv + (vm - mean).pow(2)) + (1 - w) * (rv + (rm - mean).pow(2))
+    n = virtual.n + real.n
+    return mean, var * (n / max(n - 1, 1))
+
+
 def recalibrate(model: nn.Module, batches: Iterable[Any], num_batches: int = 200, progress: bool = False
                 ) -> RecalibrationResult:
     """Recompute every BatchNorm site's running mean and variance as population statistics (PreciseBN).
@@ -422,7 +445,11 @@ def recalibrate(model: nn.Module, batches: Iterable[Any], num_batches: int = 200
     ``running_mean`` is the mean of all its activations and ``running_var`` their unbiased variance, pooled as
     if all batches were one (so any split of the same data gives the same statistics), accumulated in float64.
     Sites: ``nn.BatchNorm*`` modules, fxbns' sampled modules and ``F.batch_norm`` stand-ins (sampled or exact),
-    and plain ``F.batch_norm`` calls with running statistics.  Virtual (VDN) rows are not counted.
+    and plain ``F.batch_norm`` calls with running statistics.  Virtual (VDN) rows are not counted as data: a
+    VDN site trained with the virtual rows' moments pooled with the real rows' (weights ``mix`` and ``1 - mix``),
+    so its new statistics are that same pooling with the real part over every batch (with ``mix=1``, the
+    virtual rows' statistics at the current weights), not the real data's alone, which the layers after it were
+    not trained with.
 
     It runs under ``no_grad`` and restores every module's mode and momentum; parameters,
     ``num_batches_tracked``, the sampling step counters, the virtual samples and the global RNG are left as
@@ -448,7 +475,16 @@ def recalibrate(model: nn.Module, batches: Iterable[Any], num_batches: int = 200
     """
     _check_num_batches(num_batches, "recalibrate")
     moments: dict[int, tuple[_SiteRef, _Moments]] = {}
+    vmoments: dict[int, tuple[VirtualDataset, _Moments]] = {}  # VDN sites: their virtual rows' moments
     rows = [0]
+
+    def consume_virtual(site: _SiteRef, mod: nn.Module, n_real: int, xv: torch.Tensor) -> None:
+        spec = mod.active_estimator(n_real) if hasattr(mod, "active_estimator") else None
+        if isinstance(spec, VirtualDataset) and xv.dim() >= 2:
+            key = id(site.running_mean) if site.running_mean is not None else id(site)
+            if key not in vmoments:
+                vmoments[key] = (spec, _Moments())
+            vmoments[key][1].add(xv)
 
     def consume(site: _SiteRef, x: torch.Tensor) -> None:
         if x.dim() < 2:
@@ -471,7 +507,7 @@ def recalibrate(model: nn.Module, batches: Iterable[Any], num_batches: int = 200
         with torch.random.fork_rng(devices=_rng_devices(model)):
             state.prepare()
             try:
-                n, functional, snapshots = _run(model, inputs(), consume, "recalibrate", bar)
+                n, functional, snapshots = _run(model, inputs(), consume, "recalibrate", bar, consume_virtual)
             finally:
                 bar.close()
         if n == 0:
@@ -493,6 +529,9 @@ def recalibrate(model: nn.Module, batches: Iterable[Any], num_batches: int = 200
             old_v = site.running_var.detach().clone()
             new_m = mom.mean
             new_v = mom.m2 / max(mom.n - 1, 1)
+            key = id(site.running_mean)
+            if key in vmoments:  # a VDN site: the population form of the estimator it trained with
+                new_m, new_v = _vdn_population(vmoments[key][0], mom, vmoments[key][1])
             site.running_mean.copy_(new_m.to(site.running_mean.dtype))
             site.running_var.copy_(new_v.to(site.running_var.dtype))
             written = True

@@ -40,6 +40,17 @@ def _pooled(t: torch.Tensor):
     return v.mean(1), v.var(1)
 
 
+def _vdn_pooled(real: torch.Tensor, virtual: torch.Tensor, mix: float):
+    """A VDN site's population statistics: the virtual rows' moments pooled with the real rows' (weights mix,
+    1 - mix) as the site pools them in training, unbiased with the pooled count (worked out independently)."""
+    r = real.transpose(0, 1).reshape(real.shape[1], -1).double()
+    v = virtual.transpose(0, 1).reshape(virtual.shape[1], -1).double()
+    mean = mix * v.mean(1) + (1 - mix) * r.mean(1)
+    var = mix * ((v - mean[:, None]) ** 2).mean(1) + (1 - mix) * ((r - mean[:, None]) ** 2).mean(1)
+    n = r.shape[1] + v.shape[1]
+    return mean, var * n / (n - 1)
+
+
 def _inputs_of(model: nn.Module, batches, kind=nn.BatchNorm2d):
     """Each BatchNorm's inputs over a training forward of a copy, concatenated (the reference statistics)."""
     m = copy.deepcopy(model).train()
@@ -82,8 +93,13 @@ def test_recalibrate_transformed_models(policy):
     gm = fxbns.transform(model, every_layer(policy) if policy != "vdn" else "vdn", example_inputs=DATA[:2])
     res = fxbns.recalibrate(gm, SPLITS["16+48+32"], num_batches=3)
     assert len(res) == 2
-    # the first site sees the conv's output of the real rows only (the virtual rows of vdn are not counted)
-    mean, var = _pooled(model[0](DATA).detach())
+    # the first site's population statistics of the conv's output: the real rows' alone for bs and fs; for vdn,
+    # the virtual rows' (the same 4 in every batch) pooled 1:1 with all real rows', the pooling it trains with
+    if policy == "vdn":
+        virtual = model[0](gm._fxbns_virtual.samples).detach()
+        mean, var = _vdn_pooled(model[0](DATA).detach(), torch.cat([virtual] * 3), 0.5)
+    else:
+        mean, var = _pooled(model[0](DATA).detach())
     sites = [m for m in gm.modules() if isinstance(m, fxbns.SampledBatchNorm)]
     torch.testing.assert_close(sites[0].running_mean.double(), mean, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(sites[0].running_var.double(), var, rtol=1e-5, atol=1e-6)
@@ -110,7 +126,8 @@ def test_recalibrate_from_eval_mode_runs_the_training_graph():
     gm.eval()
     res = fxbns.recalibrate(gm, SPLITS["3x32"], num_batches=3)
     assert not gm.training
-    mean, var = _pooled(model.conv(DATA).detach())
+    virtual = model.conv(gm._fxbns_virtual.samples).detach()
+    mean, var = _vdn_pooled(model.conv(DATA).detach(), torch.cat([virtual] * 3), 0.5)
     torch.testing.assert_close(gm.bn.running_mean.double(), mean, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gm.bn.running_var.double(), var, rtol=1e-5, atol=1e-6)
     assert res.sites[0].count == 96 * 64

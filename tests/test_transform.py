@@ -417,6 +417,29 @@ def test_trained_model_pickles_whole(tmp_path, preset):
     assert all(p.grad is not None for p in g2.parameters())
 
 
+@pytest.mark.parametrize("preset,batch", [("vdn", 16), ("micro", 2)])
+def test_graph_mode_model_pickles_whole(tmp_path, preset, batch):
+    """``torch.save(model)`` of a graph-mode model (a virtual batch: its forward runs the traced graph) after
+    training steps: it reloads as the user's class, with its virtual samples, and trains on as the original."""
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, 32, 32)
+    gm = fxbns.transform(torchvision.models.resnet18(num_classes=4), preset, example_inputs=x)
+    assert gm._fxbns.mode == "graph"
+    for _ in range(2):
+        gm(x).sum().backward()
+    torch.save(gm, tmp_path / "whole.pt")
+    g2 = torch.load(tmp_path / "whole.pt", weights_only=False)
+    assert isinstance(g2, torchvision.models.ResNet) and g2._fxbns.mode == "graph"
+    torch.testing.assert_close(g2._fxbns_virtual.samples, gm._fxbns_virtual.samples, rtol=0, atol=0)
+    y2, y = g2(x), gm(x)
+    torch.testing.assert_close(y2, y)  # the same virtual rows and sample at the same step
+    y2.sum().backward()
+    assert all(p.grad is not None for p in g2.parameters())
+    g2.eval()
+    gm.eval()
+    torch.testing.assert_close(g2(x), gm(x), rtol=0, atol=0)
+
+
 def test_compiled_transformed_model_trains():
     torch._dynamo.reset()
     torch.manual_seed(0)

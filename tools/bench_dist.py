@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--smoke", action="store_true", help="batch 2, 16x16, 1 round of 2 steps: checks that it runs")
-    ap.add_argument("--out", help="JSON record path (default bench-results/dist-<time>.json)")
+    ap.add_argument("--out", help="JSON record path (default out/bench/dist-<time>.json, git-ignored)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.batches, args.size, args.steps, args.pairs = "2", 16, 2, 1
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
               "command": " ".join(["python", "tools/bench.py", "dist", *(argv if argv is not None else sys.argv[2:])]),
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__, "cores": os.cpu_count(),
               "seconds": round(time.time() - t0, 1)}
-    out = Path(args.out) if args.out else ROOT / "bench-results" / f"dist-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out = Path(args.out) if args.out else ROOT / "out" / "bench" / f"dist-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"\nrecord: {out}")
