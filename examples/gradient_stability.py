@@ -92,6 +92,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="resnet50,mobilenet_v2")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--presets", default=",".join(PRESETS), help=f"comma-separated subset of {', '.join(PRESETS)}")
     args = ap.parse_args()
     rows = []
     for name in args.models.split(","):
@@ -101,7 +102,7 @@ def main() -> int:
         rows.append({"model": name, "preset": "control", **c})
         print(f"{name:14s} control: exact BatchNorm, input + 1% noise: cosine {c['cosine']:.3f}, norm ratio "
               f"{c['norm_ratio']:.3f}", flush=True)
-        for preset in PRESETS:
+        for preset in args.presets.split(","):
             steps = run(name, preset, args.steps)
             rows.append({"model": name, "preset": preset, "steps": steps})
             ratios = [s["norm_ratio"] for s in steps]

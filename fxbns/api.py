@@ -30,6 +30,8 @@ from ._version import __version__
 from .distributed import describe_group
 from .estimators import BatchSampling, Exact, FeatureSampling, VirtualDataset
 from .modules import FunctionalBatchNorm, SampledBatchNorm
+from .ops import dispatch
+from .ops.dispatch import sample_backward_applies
 from .passes.forward import install_graph_forward, uninstall_graph_forward
 from .passes.match import Site, find_sites
 from .passes.rewrite import rewrite_graph, rewritten, swap_modules
@@ -218,6 +220,10 @@ def _row(s: Site, *, spec, micro, shape, live_type: str, via: str | None, eager_
     if shape is None:
         why = "no shape: pass example_inputs" if replaced is None and not left_alone else why
     n, frac = sample_size(active, shape) if runs == "sampled" else (None, None)
+    if n is not None and getattr(active, "sample_backward", False) and not s.sync and \
+            not sample_backward_applies(True, n):
+        notes.append(f"sample_backward off here: a sample of {n} values per channel is under "
+                     f"{dispatch.MIN_SAMPLE_BACKWARD_VALUES} (the exact-gradient backward runs)")
     sampling = isinstance(spec, (BatchSampling, FeatureSampling))
     below = spec.exact_below_batch(shape) if sampling and shape is not None else None
     if below is not None and below > 1:
@@ -449,10 +455,11 @@ def _warn_sample_backward(model: nn.Module) -> None:
             if isinstance(m, (SampledBatchNorm, FunctionalBatchNorm)))
     if n:
         warnings.warn(
-            f"sample_backward is on for {n} BatchNorm site(s): their backward's two gradient sums come from the "
-            f"sample, and the sampling noise this adds to every layer's input gradient compounds on deep models "
-            f"(resnet50 and mobilenet_v2 from random weights, 20 SGD steps: up to 2.8x exact BatchNorm's gradient "
-            f"norm with fs, up to 61x with bs, and a slower fall of the loss; examples/gradient_stability.py). "
+            f"sample_backward is on for {n} BatchNorm site(s): where their sample has at least "
+            f"{dispatch.MIN_SAMPLE_BACKWARD_VALUES} values per channel, the backward's two gradient sums come from "
+            f"it, and the sampling noise this adds to every layer's input gradient compounds on deep models "
+            f"(resnet50 and mobilenet_v2 from random weights, 20 SGD steps: up to 2.7x exact BatchNorm's gradient "
+            f"norm, and a slower fall of the loss; examples/gradient_stability.py). "
             f"Check gradient norms before training with it, or turn it off (Policy.set_sample_backward(False), "
             f"or drop --sample-backward).", UserWarning, stacklevel=3)
 

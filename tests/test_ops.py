@@ -397,3 +397,23 @@ def test_big_layer_math_unchanged_by_statistical_rule():
 
 def test_exact_spec_reason():
     assert exact_reason(Exact(), (8, 4, 4, 4)) == "exact estimator"
+
+
+@pytest.mark.parametrize("per_row,applies", [(8, False), (128, True)])
+def test_sample_backward_floor(per_row, applies):
+    """sample_backward estimates the backward's sums only from samples of at least MIN_SAMPLE_BACKWARD_VALUES
+    values per channel; a smaller sample takes the exact-gradient backward (the same gradients as without it)."""
+    assert dispatch.MIN_SAMPLE_BACKWARD_VALUES == 1024
+    n, hw = 16, 16 * per_row  # a 1/16 band: per_row values per row, 16 * per_row per channel
+    x = torch.randn(n, 4, 16, hw // 16, dtype=torch.float64) * 2 + 1
+    dy = torch.randn_like(x)
+    grads = []
+    for sb in (False, True):
+        spec = FeatureSampling(area_ratio=1 / 16, layout="band", per_sample=True, sample_backward=sb)
+        bn = SampledBatchNorm.from_batchnorm(nn.BatchNorm2d(4).double(), spec, seed=3)
+        xi = x.clone().requires_grad_()
+        bn(xi).backward(dy)
+        grads.append(xi.grad)
+        assert spec.values_per_channel(tuple(x.shape)) == n * per_row
+    same = torch.allclose(grads[0], grads[1], rtol=0, atol=1e-12)
+    assert same is not applies
