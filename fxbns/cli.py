@@ -58,8 +58,7 @@ def _parser() -> argparse.ArgumentParser:
                    "statistics; 0 samples every layer (the bs preset uses 262144, fs 524288)")
     p.add_argument("--sample-backward", action="store_true", help="estimate the backward's gradient sums from the "
                    "sample too, on every BS and FS layer of the policy (less memory traffic in the backward; its noise "
-                   "compounds on deep models: up to 2.8x exact BatchNorm's gradient norm on resnet50 with fs, see the "
-                   "README)")
+                   "compounds on deep models: up to 2.7x exact BatchNorm's gradient norm over 20 steps, see the README)")
     p.add_argument("--tune", action="store_true", help="time every sampled layer inside training steps on a random "
                    "batch of --input-shape (give your training batch size and image size) with its estimator and "
                    "exact, and keep exact statistics where that was faster on this machine (fxbns.tune)")

@@ -451,6 +451,11 @@ def recalibrate(model: nn.Module, batches: Iterable[Any], num_batches: int = 200
     virtual rows' statistics at the current weights), not the real data's alone, which the layers after it were
     not trained with.
 
+    Population statistics are not always what a sampled network was trained with: a sample of strongly
+    correlated values (a small FS patch) has a variance well below the population's, and the layers after it
+    learned that scale.  Check a recalibrated model on held-out data (docs/statistics.md: after ``fs-patch``
+    training, recalibration dropped the digits nets to 32-68%).
+
     It runs under ``no_grad`` and restores every module's mode and momentum; parameters,
     ``num_batches_tracked``, the sampling step counters, the virtual samples and the global RNG are left as
     they were.  If the data runs out before ``num_batches`` it uses what there was, says so in a warning and
