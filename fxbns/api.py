@@ -586,7 +586,7 @@ def revert(model: nn.Module) -> nn.Module:
     out = copy.deepcopy(model, _group_memo(model))
     for name, m in list(out.named_modules()):
         if isinstance(m, SampledBatchNorm):
-            out.set_submodule(name, _to_sync_batchnorm(m) if m.__dict__.get("_fxbns_from_sync") else m.to_batchnorm())
+            out.set_submodule(name, m.to_batchnorm())
     for path in info.added:
         owner, _, attr = path.rpartition(".")
         parent = out.get_submodule(owner) if owner else out
@@ -599,17 +599,6 @@ def revert(model: nn.Module) -> nn.Module:
     uninstall_graph_forward(out)
     del out._fxbns
     return out
-
-
-def _to_sync_batchnorm(m: SampledBatchNorm) -> nn.SyncBatchNorm:
-    """The ``nn.SyncBatchNorm`` a site came from, sharing the site's parameters, buffers and process group."""
-    bn = nn.SyncBatchNorm(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats,
-                          m.__dict__.get("process_group"), device="meta")
-    bn.weight, bn.bias = m.weight, m.bias
-    bn.running_mean, bn.running_var = m.running_mean, m.running_var
-    bn.num_batches_tracked = m.num_batches_tracked
-    bn.training = m.training
-    return bn
 
 
 def save(model: nn.Module, path: str | os.PathLike) -> None:

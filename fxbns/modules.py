@@ -138,9 +138,14 @@ class SampledBatchNorm(_BatchNorm):
         return new
 
     def to_batchnorm(self) -> _BatchNorm:
-        """A plain ``nn.BatchNorm{1,2,3}d`` sharing this module's parameters and buffers."""
-        cls = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}.get(self.dims, nn.BatchNorm2d)
-        bn = cls(self.num_features, self.eps, self.momentum, self.affine, self.track_running_stats, device="meta")
+        """A plain ``nn.BatchNorm{1,2,3}d`` sharing this module's parameters and buffers; the ``nn.SyncBatchNorm``
+        (with its process group) for a site that came from one."""
+        args = (self.num_features, self.eps, self.momentum, self.affine, self.track_running_stats)
+        if self.__dict__.get("_fxbns_from_sync"):
+            bn = nn.SyncBatchNorm(*args, self.__dict__.get("process_group"), device="meta")
+        else:
+            cls = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}.get(self.dims, nn.BatchNorm2d)
+            bn = cls(*args, device="meta")
         bn.weight, bn.bias = self.weight, self.bias
         bn.running_mean, bn.running_var = self.running_mean, self.running_var
         bn.num_batches_tracked = self.num_batches_tracked
@@ -469,10 +474,8 @@ def sync_forward(site: nn.Module, input: torch.Tensor, n_real: int | None, weigh
     check_dim = getattr(site, "_check_input_dim", None)
     if check_dim is not None:
         check_dim(input)
-    if n_real is None:
-        vs = site._vstate
-        n_real = vs.n_real if (vs is not None and vs.n_real is not None) else input.shape[0]
-    spec = site.estimator
+    n_real, _ = site._resolve(input, n_real)
+    spec = site.estimator  # not the micro-batch regime's (see above)
     if isinstance(spec, VirtualDataset):
         raise ValueError(f"fxbns site {site.__dict__.get('_fxbns_name', '')!r} synchronizes its statistics but its "
                          f"estimator is {spec.describe()}: VirtualDataset statistics cannot be synchronized (the "

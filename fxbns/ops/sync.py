@@ -50,7 +50,7 @@ import torch.distributed as dist
 from ..sampling import Group, gather, put_
 from .cuda import _const, _memory_format
 from .dispatch import choose_path
-from .reference import _bshape, _normalise, _rdims, acc_dtype
+from .reference import _bshape, _normalise, _rdims, acc_dtype, update_running_stats
 
 __all__ = ["synchronized_batch_norm"]
 
@@ -87,12 +87,9 @@ class _SyncSampledBatchNorm(torch.autograd.Function):
         mean = (counts * means).sum(0) * inv
         var = (m2s.sum(0) + (counts * (means - mean).square()).sum(0)) * inv
         invstd = torch.rsqrt(var + eps)
-        if running_mean is not None:
-            with torch.no_grad():
-                f = torch.where(count > 0, momentum, 0.0).to(running_mean.dtype)
-                unbiased = var * (count / (count - 1).clamp(min=1.0))
-                running_mean.lerp_(mean.to(running_mean.dtype), f)
-                running_var.lerp_(unbiased.to(running_var.dtype), f)
+        if running_mean is not None:  # (every rank empty: a zero step, the running statistics unchanged)
+            f = torch.where(count > 0, momentum, 0.0).to(running_mean.dtype)
+            update_running_stats(running_mean, running_var, mean, var, count, f)
         if fast and x.numel() > 0:
             y = torch.batch_norm_elemt(x, weight, bias, mean, invstd, eps)
         else:
