@@ -3,14 +3,16 @@
 ``sample_backward``: does the sampled backward keep gradients at the size exact BatchNorm gives?
 
 ``sample_backward`` feeds BatchNorm's own backward formula the two sums estimated from the sample, on every
-element.  Over the first training steps (random inputs and labels, SGD lr 0.01 momentum 0.9, the same initial
+element, where the sample is an FS sample of at least 1/4 of the layer (fxbns.ops.dispatch); the default
+presets are exact, bs, fs (at their 1/8 and 1/16) and fs4 (the fs preset at 1/4) without and with it.  Over the first training steps (random inputs and labels, SGD lr 0.01 momentum 0.9, the same initial
 weights for every preset) this script records, per step, the gradient norm, and the norm ratio and cosine
 similarity against exact BatchNorm's gradient at the same weights (an exact twin loaded with the run's state).
 A control row per model gives the cosine of exact BatchNorm's gradient against itself on the input plus 1% noise:
 from random weights the direction is chaotic, so the norm ratio is the measure of stability.
-Writes examples/results/gradient_stability.json.
+Writes examples/results/gradient_stability.json (``--record``).
 
     python examples/gradient_stability.py                 # resnet50 and mobilenet_v2, 20 steps
+    python examples/gradient_stability.py --presets fs_sb,bs_sb --sb-fraction 0 --record gradient_stability_sb0
     python examples/gradient_stability.py --models resnet18 --steps 4
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -30,10 +33,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import save_record  # noqa: E402
 
 from fxbns import Policy, transform  # noqa: E402
+from fxbns.ops import dispatch  # noqa: E402
 
 SIZES = {"resnet50": (16, 64), "mobilenet_v2": (32, 64), "resnet18": (64, 32), "densenet121": (16, 64),
          "efficientnet_b0": (16, 96)}
-PRESETS = ["exact", "bs", "bs_sb", "fs", "fs_sb"]
+PRESETS = ["exact", "bs", "fs", "fs4", "fs4_sb"]
+#: every preset name, with an "_sb" suffix for sample_backward on; "fs4" is the fs preset at area_ratio 1/4, the
+#: smallest sample sample_backward applies to (fxbns.ops.dispatch.MIN_SAMPLE_BACKWARD_FRACTION)
+CHOICES = ["exact", "bs", "bs_sb", "fs", "fs_sb", "fs4", "fs4_sb"]
+
+
+def _policy(preset: str) -> Policy:
+    name = preset.removesuffix("_sb")
+    policy = Policy.from_preset("fs" if name == "fs4" else name)
+    if name == "fs4":
+        policy = Policy(dataclasses.replace(policy.default, area_ratio=1 / 4))
+    return policy.set_sample_backward() if preset.endswith("_sb") else policy
 
 
 def run(model_name: str, preset: str, steps: int) -> list[dict]:
@@ -42,9 +57,7 @@ def run(model_name: str, preset: str, steps: int) -> list[dict]:
     base = torchvision.models.get_model(model_name, weights=None, num_classes=100)
     x = torch.randn(batch, 3, size, size)
     y = torch.randint(0, 100, (batch,))
-    policy = Policy.from_preset(preset.removesuffix("_sb"))
-    if preset.endswith("_sb"):
-        policy.set_sample_backward()
+    policy = _policy(preset)
     model = transform(copy.deepcopy(base), policy, example_inputs=x[:2])
     twin = copy.deepcopy(base)  # exact BatchNorm, loaded with the run's weights at every step
     # no dropout noise: every preset sees the same function of its weights
@@ -92,8 +105,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="resnet50,mobilenet_v2")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--presets", default=",".join(PRESETS), help=f"comma-separated subset of {', '.join(PRESETS)}")
+    ap.add_argument("--presets", default=",".join(PRESETS), help=f"comma-separated, of {', '.join(CHOICES)}")
+    ap.add_argument("--sb-fraction", type=float, help="set fxbns.ops.dispatch.MIN_SAMPLE_BACKWARD_FRACTION (the "
+                    "smallest share of a layer sample_backward applies to; default 0.25): 0 applies it to the "
+                    "presets' own 1/16 and 1/8 samples")
+    ap.add_argument("--record", default="gradient_stability", help="name of the record under examples/results")
     args = ap.parse_args()
+    if args.sb_fraction is not None:
+        dispatch.MIN_SAMPLE_BACKWARD_FRACTION = args.sb_fraction
     rows = []
     for name in args.models.split(","):
         if name not in SIZES:
@@ -103,6 +122,8 @@ def main() -> int:
         print(f"{name:14s} control: exact BatchNorm, input + 1% noise: cosine {c['cosine']:.3f}, norm ratio "
               f"{c['norm_ratio']:.3f}", flush=True)
         for preset in args.presets.split(","):
+            if preset not in CHOICES:
+                ap.error(f"unknown preset {preset!r}; choose from {', '.join(CHOICES)}")
             steps = run(name, preset, args.steps)
             rows.append({"model": name, "preset": preset, "steps": steps})
             ratios = [s["norm_ratio"] for s in steps]
@@ -110,8 +131,9 @@ def main() -> int:
             print(f"{name:14s} {preset:6s} grad norm / exact's {min(ratios):6.3f}-{max(ratios):6.3f}  cosine "
                   f"{min(cos):6.3f}-{max(cos):6.3f}  loss {steps[0]['loss']:.3f} -> {steps[-1]['loss']:.3f}",
                   flush=True)
-    path = save_record("gradient_stability", {"command": "python examples/gradient_stability.py " +
-                                              " ".join(sys.argv[1:]), "rows": rows})
+    path = save_record(args.record, {"command": "python examples/gradient_stability.py " +
+                                              " ".join(sys.argv[1:]), "rows": rows,
+                                              "min_sample_backward_fraction": dispatch.MIN_SAMPLE_BACKWARD_FRACTION})
     print(f"record: {path}")
     return 0
 

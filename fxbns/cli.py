@@ -57,8 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min-elements", type=int, help="layers smaller than this (N*C*max(H*W,16)) keep exact "
                    "statistics; 0 samples every layer (the bs preset uses 262144, fs 524288)")
     p.add_argument("--sample-backward", action="store_true", help="estimate the backward's gradient sums from the "
-                   "sample too, on every BS and FS layer of the policy (less memory traffic in the backward; its noise "
-                   "compounds on deep models: up to 2.7x exact BatchNorm's gradient norm over 20 steps, see the README)")
+                   "sample too, on every FS layer of the policy whose sample is at least 1/4 of the layer (less memory "
+                   "traffic in the backward; it cost accuracy on a MobileNet-style net, see the README)")
     p.add_argument("--tune", action="store_true", help="time every sampled layer inside training steps on a random "
                    "batch of --input-shape (give your training batch size and image size) with its estimator and "
                    "exact, and keep exact statistics where that was faster on this machine (fxbns.tune)")
@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
                    "its features on real inputs: FILE is a .pt holding one input batch (a tensor) or a list of "
                    "batches, of the training batch size; the calibrated policy replaces --policy (fxbns.calibrate)")
     p.add_argument("--target-error", type=float, help="--calibrate: the largest RMS relative error allowed for each "
-                   "layer's batch mean (in std) and variance (default 0.05)")
+                   "layer's batch mean (in std) and variance (default 0.1)")
     p.add_argument("--save-policy", help="write the policy used (tuned with --tune) as JSON or YAML here")
     p.add_argument("--seed", type=int, default=0, help="seed for model init and sampling (default 0)")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -355,9 +355,9 @@ def _calibrated(args, model):
 
     if not args.calibrate:
         raise CLIError("--target-error applies to --calibrate FILE; add --calibrate", 2)
-    target = 0.05 if args.target_error is None else args.target_error
+    target = fxbns.stats.DEFAULT_TARGET_ERROR if args.target_error is None else args.target_error
     if not 0 < target <= 1:
-        raise CLIError(f"--target-error must be in (0, 1], e.g. 0.05; got {target:g}", 2)
+        raise CLIError(f"--target-error must be in (0, 1], e.g. 0.1; got {target:g}", 2)
     path = args.calibrate
     if not os.path.isfile(path):
         raise CLIError(f"--calibrate {path!r}: no such file")

@@ -259,7 +259,8 @@ class SampledBatchNorm(_BatchNorm):
                 and rm is not None and rm.device == input.device
                 and choose_path(input, p["weight"], 1, rm) == "cpu"):
             return None
-        sb = dispatch.sample_backward_applies(getattr(spec, "sample_backward", False), group.count)
+        sb = dispatch.sample_backward_applies(spec, group.count,
+                                              input.numel() // input.shape[1])
         fp = fused_plan(input, group, sb)
         return None if fp is None else (input.dtype, sb, fp)
 
@@ -444,8 +445,8 @@ def train_forward(input, n_real, spec, weight, bias, running_mean, running_var, 
     counter = num_batches_tracked if num_batches_tracked is not None else step
     if groups is None:
         groups = build_groups(spec, tuple(input.shape), n_real, N - n_real, counter, rank_seed(seed), host_step)
-    sb = len(groups) == 1 and dispatch.sample_backward_applies(getattr(spec, "sample_backward", False),
-                                                               groups[0].count)
+    sb = len(groups) == 1 and dispatch.sample_backward_applies(spec, groups[0].count,
+                                                               input.numel() // input.shape[1])
     factor = momentum
     if running_mean is not None and momentum is None:  # cumulative moving average, as nn.BatchNorm
         counter.add_(1)

@@ -46,10 +46,11 @@ def every_layer(preset: str):
 @pytest.fixture
 def tiny_samples(monkeypatch):
     """The statistical rules lowered to 2 values per channel (``MIN_VALUES_PER_CHANNEL`` and
-    ``MIN_SAMPLE_BACKWARD_VALUES`` of ``fxbns.ops.dispatch``), for
+    ``MIN_SAMPLE_BACKWARD_VALUES`` of ``fxbns.ops.dispatch``; ``MIN_SAMPLE_BACKWARD_FRACTION`` to 0), for
     tests of the sampled arithmetic on inputs small enough to check exhaustively; the rule itself is tested in
     tests/test_ops.py."""
     from fxbns.ops import dispatch
 
     monkeypatch.setattr(dispatch, "MIN_VALUES_PER_CHANNEL", 2)
-    monkeypatch.setattr(dispatch, "MIN_SAMPLE_BACKWARD_VALUES", 2)  # and sample_backward's floor with it
+    monkeypatch.setattr(dispatch, "MIN_SAMPLE_BACKWARD_VALUES", 2)  # and sample_backward's floors with it
+    monkeypatch.setattr(dispatch, "MIN_SAMPLE_BACKWARD_FRACTION", 0.0)

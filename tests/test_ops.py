@@ -399,17 +399,20 @@ def test_exact_spec_reason():
     assert exact_reason(Exact(), (8, 4, 4, 4)) == "exact estimator"
 
 
-@pytest.mark.parametrize("per_row,applies", [(8, False), (128, True)])
-def test_sample_backward_floor(per_row, applies):
+@pytest.mark.parametrize("per_row,area,applies", [(8, 1 / 16, False), (128, 1 / 16, False), (8, 1 / 4, False),
+                                                  (128, 1 / 4, True)])
+def test_sample_backward_floor(per_row, area, applies):
     """sample_backward estimates the backward's sums only from samples of at least MIN_SAMPLE_BACKWARD_VALUES
-    values per channel; a smaller sample takes the exact-gradient backward (the same gradients as without it)."""
-    assert dispatch.MIN_SAMPLE_BACKWARD_VALUES == 1024
-    n, hw = 16, 16 * per_row  # a 1/16 band: per_row values per row, 16 * per_row per channel
-    x = torch.randn(n, 4, 16, hw // 16, dtype=torch.float64) * 2 + 1
+    values per channel and MIN_SAMPLE_BACKWARD_FRACTION of the layer; any other sample takes the exact-gradient
+    backward (the same gradients as without it)."""
+    assert dispatch.MIN_SAMPLE_BACKWARD_VALUES == 1024 and dispatch.MIN_SAMPLE_BACKWARD_FRACTION == 0.25
+    rows = round(1 / area)
+    n = 16  # a band of `area`: one row of per_row values per sample, n * per_row values per channel
+    x = torch.randn(n, 4, rows, per_row, dtype=torch.float64) * 2 + 1
     dy = torch.randn_like(x)
     grads = []
     for sb in (False, True):
-        spec = FeatureSampling(area_ratio=1 / 16, layout="band", per_sample=True, sample_backward=sb)
+        spec = FeatureSampling(area_ratio=area, layout="band", per_sample=True, sample_backward=sb)
         bn = SampledBatchNorm.from_batchnorm(nn.BatchNorm2d(4).double(), spec, seed=3)
         xi = x.clone().requires_grad_()
         bn(xi).backward(dy)
@@ -417,3 +420,21 @@ def test_sample_backward_floor(per_row, applies):
         assert spec.values_per_channel(tuple(x.shape)) == n * per_row
     same = torch.allclose(grads[0], grads[1], rtol=0, atol=1e-12)
     assert same is not applies
+
+
+def test_sample_backward_off_for_batch_sampling():
+    """A BS sample never estimates the backward's sums, however large: the gradients with sample_backward are
+    those without it (the exact-gradient backward)."""
+    x = torch.randn(16, 4, 16, 16, dtype=torch.float64) * 2 + 1  # 1/2 of the rows: 2,048 values per channel
+    dy = torch.randn_like(x)
+    grads = []
+    for sb in (False, True):
+        spec = BatchSampling(ratio=0.5, sample_backward=sb)
+        assert spec.values_per_channel(tuple(x.shape)) == 2048
+        bn = SampledBatchNorm.from_batchnorm(nn.BatchNorm2d(4).double(), spec, seed=3)
+        xi = x.clone().requires_grad_()
+        bn(xi).backward(dy)
+        grads.append(xi.grad)
+    assert torch.equal(grads[0], grads[1])
+    assert not dispatch.sample_backward_applies(BatchSampling(ratio=0.5, sample_backward=True), 2048, 4096)
+    assert dispatch.sample_backward_applies(FeatureSampling(area_ratio=0.5, sample_backward=True), 2048, 4096)

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["MIN_VALUES_PER_CHANNEL", "MIN_SAMPLE_BACKWARD_VALUES", "sample_backward_applies", "SpeedRule", "SPEED_RULES", "speed_rule", "choose_path"]
+__all__ = ["MIN_VALUES_PER_CHANNEL", "MIN_SAMPLE_BACKWARD_VALUES", "MIN_SAMPLE_BACKWARD_FRACTION",
+           "sample_backward_applies", "SpeedRule", "SPEED_RULES", "speed_rule", "choose_path"]
 
 #: A BS or FS sample with fewer values per channel than this keeps exact statistics, on every device.
 #: With n independent values the relative standard error of a variance estimate is sqrt(2 / (n - 1)): 18% at 64,
@@ -37,19 +38,29 @@ __all__ = ["MIN_VALUES_PER_CHANNEL", "MIN_SAMPLE_BACKWARD_VALUES", "sample_backw
 MIN_VALUES_PER_CHANNEL = 64
 
 
-#: ``sample_backward`` estimates the backward's two sums from the sample only where the sample has at least this
-#: many values per channel; smaller samples take the exact-gradient backward (full sums).  The sums' sampling
-#: error lands on every element of the layer's input gradient and compounds through the layers below: over 20
-#: steps from random weights (``examples/gradient_stability.py``), resnet50 with bs and sample_backward reached
-#: 61x exact BatchNorm's gradient norm with no such floor, 2.6x with 1024 (README).  Large layers,
-#: where the backward's saving lies, keep it: fs's 1/16 band of a 64x256x56x56 layer is 12,544 values.
+#: ``sample_backward`` estimates the backward's two sums from the sample only where the sample has at least
+#: :data:`MIN_SAMPLE_BACKWARD_VALUES` values per channel and at least :data:`MIN_SAMPLE_BACKWARD_FRACTION` of the
+#: layer's values per channel; elsewhere the exact-gradient backward (full sums) runs.  The sums' sampling error
+#: adds a per-channel constant and a multiple of ``xhat`` to every element of the input gradient: the directions
+#: exact BatchNorm's backward removes.  The weight gradient of the layer below sums that error over all ``M``
+#: positions coherently, so its share of the gradient grows as ``sqrt(M / n_eff)``, one over the square root of
+#: the fraction sampled, whatever the layer's size (``docs/statistics.md``, sample_backward).  Over 20 SGD steps
+#: from random weights (``examples/gradient_stability.py``): mobilenet_v2 with 1/16 bands reached 2.8x exact
+#: BatchNorm's gradient norm, with 1/4 bands 1.35x; resnet50 with bs at 1/8 of the batch and no count floor 61x.
 MIN_SAMPLE_BACKWARD_VALUES = 1024
+MIN_SAMPLE_BACKWARD_FRACTION = 0.25
 
 
-def sample_backward_applies(sample_backward: bool, count: int) -> bool:
-    """Whether a sample of ``count`` values per channel estimates the backward's sums (see
-    :data:`MIN_SAMPLE_BACKWARD_VALUES`, read per call)."""
-    return bool(sample_backward) and count >= MIN_SAMPLE_BACKWARD_VALUES
+def sample_backward_applies(spec, count: int, total: int) -> bool:
+    """Whether the sample of estimator ``spec``, ``count`` of a layer's ``total`` values per channel, estimates the
+    backward's sums (see :data:`MIN_SAMPLE_BACKWARD_VALUES` and :data:`MIN_SAMPLE_BACKWARD_FRACTION`, read per
+    call).  Only a :class:`~fxbns.FeatureSampling` sample does: BS's few whole samples are worth about as many
+    independent values as they have rows (resnet50 with bs at 1/4 of a batch of 16: 18x exact BatchNorm's gradient
+    norm)."""
+    from ..estimators import FeatureSampling
+
+    return (isinstance(spec, FeatureSampling) and spec.sample_backward and count >= MIN_SAMPLE_BACKWARD_VALUES
+            and count >= MIN_SAMPLE_BACKWARD_FRACTION * total)
 
 
 @dataclass(frozen=True)
