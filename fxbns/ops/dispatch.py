@@ -45,8 +45,8 @@ MIN_VALUES_PER_CHANNEL = 64
 #: exact BatchNorm's backward removes.  The weight gradient of the layer below sums that error over all ``M``
 #: positions coherently, so its share of the gradient grows as ``sqrt(M / n_eff)``, one over the square root of
 #: the fraction sampled, whatever the layer's size (``docs/statistics.md``, sample_backward).  Over 20 SGD steps
-#: from random weights (``examples/gradient_stability.py``): mobilenet_v2 with 1/16 bands reached 2.8x exact
-#: BatchNorm's gradient norm, with 1/4 bands 1.35x; resnet50 with bs at 1/8 of the batch and no count floor 61x.
+#: from random weights (``examples/gradient_stability.py``): mobilenet_v2 with the fs preset's 1/16 bands reached
+#: 2.65x exact BatchNorm's gradient norm (``--sb-fraction 0``), with 1/4 bands 1.41x.
 MIN_SAMPLE_BACKWARD_VALUES = 1024
 MIN_SAMPLE_BACKWARD_FRACTION = 0.25
 
@@ -55,8 +55,7 @@ def sample_backward_applies(spec, count: int, total: int) -> bool:
     """Whether the sample of estimator ``spec``, ``count`` of a layer's ``total`` values per channel, estimates the
     backward's sums (see :data:`MIN_SAMPLE_BACKWARD_VALUES` and :data:`MIN_SAMPLE_BACKWARD_FRACTION`, read per
     call).  Only a :class:`~fxbns.FeatureSampling` sample does: BS's few whole samples are worth about as many
-    independent values as they have rows (resnet50 with bs at 1/4 of a batch of 16: 18x exact BatchNorm's gradient
-    norm)."""
+    independent values as they have rows (``docs/statistics.md``)."""
     from ..estimators import FeatureSampling
 
     return (isinstance(spec, FeatureSampling) and spec.sample_backward and count >= MIN_SAMPLE_BACKWARD_VALUES
