@@ -135,3 +135,21 @@ def test_explain_matches_transform():
     b = fxbns.report(fxbns.transform(m, "bs", example_inputs=x))
     assert [(r["name"], r["runs"], r["why"]) for r in a.rows] == [(r["name"], r["runs"], r["why"]) for r in b.rows]
     assert a.mode == b.mode == "swap"
+
+
+def test_report_says_where_sample_backward_is_off():
+    """The report names why a site with sample_backward runs the exact-gradient backward: BS samples never
+    qualify; an FS sample under 1/4 of the layer does not; a 1/4 band of 1024+ values does (no note)."""
+    from fxbns import FeatureSampling
+
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))
+    x = torch.randn(16, 3, 32, 32)
+    notes = {}
+    for name, spec in [("bs", BatchSampling(ratio=0.5, sample_backward=True)),
+                       ("fs16", FeatureSampling(area_ratio=1 / 16, layout="band", sample_backward=True)),
+                       ("fs4", FeatureSampling(area_ratio=1 / 4, layout="band", sample_backward=True))]:
+        row = fxbns.explain(m, Policy(spec), example_inputs=x).rows[0]
+        notes[name] = row["reason"]
+    assert "sample_backward off here: BS's whole samples" in notes["bs"]
+    assert "sample_backward off here" in notes["fs16"] and "under 0.25 of the layer" in notes["fs16"]
+    assert "sample_backward off" not in notes["fs4"]
