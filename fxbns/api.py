@@ -16,6 +16,7 @@ code, and it is still an instance of its class (see :mod:`fxbns.passes.forward`)
 from __future__ import annotations
 
 import copy
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -221,7 +222,7 @@ def _row(s: Site, *, spec, micro, shape, live_type: str, via: str | None, eager_
         why = "no shape: pass example_inputs" if replaced is None and not left_alone else why
     n, frac = sample_size(active, shape) if runs == "sampled" else (None, None)
     if n is not None and getattr(active, "sample_backward", False) and not s.sync and \
-            not sample_backward_applies(active, n, round(n / frac)):
+            not sample_backward_applies(active, n, shape[0] * math.prod(shape[2:])):
         why_off = ("BS's whole samples" if not isinstance(active, FeatureSampling) else
                    f"a sample of {n} values per channel ({frac:.3g} of the layer) is under "
                    f"{dispatch.MIN_SAMPLE_BACKWARD_VALUES} values or under {dispatch.MIN_SAMPLE_BACKWARD_FRACTION:g} "

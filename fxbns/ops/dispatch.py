@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..estimators import FeatureSampling
+
 __all__ = ["MIN_VALUES_PER_CHANNEL", "MIN_SAMPLE_BACKWARD_VALUES", "MIN_SAMPLE_BACKWARD_FRACTION",
            "sample_backward_applies", "SpeedRule", "SPEED_RULES", "speed_rule", "choose_path"]
 
@@ -56,8 +58,6 @@ def sample_backward_applies(spec, count: int, total: int) -> bool:
     backward's sums (see :data:`MIN_SAMPLE_BACKWARD_VALUES` and :data:`MIN_SAMPLE_BACKWARD_FRACTION`, read per
     call).  Only a :class:`~fxbns.FeatureSampling` sample does: BS's few whole samples are worth about as many
     independent values as they have rows (``docs/statistics.md``)."""
-    from ..estimators import FeatureSampling
-
     return (isinstance(spec, FeatureSampling) and spec.sample_backward and count >= MIN_SAMPLE_BACKWARD_VALUES
             and count >= MIN_SAMPLE_BACKWARD_FRACTION * total)
 
