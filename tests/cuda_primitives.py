@@ -58,6 +58,10 @@ def _b(t: torch.Tensor, nd: int) -> torch.Tensor:
 
 
 def _record(name: str, *args) -> None:
+    # every tensor argument on one device: the CUDA kernels read them all through device pointers (a host tensor
+    # here, say a count made on the default device, would fail on a GPU)
+    devices = {a.device for a in args if isinstance(a, torch.Tensor)}
+    assert len(devices) <= 1, f"{name}: tensor arguments on several devices: {sorted(map(str, devices))}"
     CALLS.append((name, tuple((a.dtype, tuple(a.shape), a.stride(), a.device.type) if isinstance(a, torch.Tensor)
                               else a for a in args)))
 

@@ -166,6 +166,59 @@ def test_exact_gradient_form_is_autograd_of_the_reference():
                 lambda x, w, b, g=groups, p=path: sampled_batch_norm(x, w, b, g, 1e-5, False, path=p), (x, w, b))
 
 
+def test_reference_defaults_and_partial_affine():
+    """The reference's defaults (exact gradients, momentum 0.1) and sample_backward with only one of the affine
+    parameters, or a frozen one: each gradient that is asked for, in its parameter's dtype, by the formula."""
+    from fxbns.ops import reference
+
+    shape = (8, 3, 6, 6)
+    x = torch.randn(shape, dtype=torch.float64) * 2 + 1
+    dy = torch.randn(shape, dtype=torch.float64)
+    groups = build_groups(FeatureSampling(area_ratio=1 / 4, layout="band", per_sample=True), shape, 8, 0,
+                          torch.tensor(1), 3, host_step=1)
+    # the default is the exact gradient of the sampled function, not sample_backward
+    xx = x.clone().requires_grad_()
+    reference.batch_norm(xx, None, None, groups, 1e-5).backward(dy)
+    xe = x.clone().requires_grad_()
+    reference.batch_norm(xe, None, None, groups, 1e-5, False).backward(dy)
+    xs = x.clone().requires_grad_()
+    reference.batch_norm(xs, None, None, groups, 1e-5, True).backward(dy)
+    torch.testing.assert_close(xx.grad, xe.grad)
+    assert not torch.allclose(xx.grad, xs.grad)
+    # the default momentum is nn.BatchNorm's 0.1
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    reference.batch_norm(x, None, None, groups, 1e-5, running_mean=rm, running_var=rv)
+    mean, var = sample_moments(x, groups)
+    n = groups[0].count
+    torch.testing.assert_close(rm, 0.1 * mean)
+    torch.testing.assert_close(rv, 0.9 + 0.1 * var * n / (n - 1))
+    # sample_backward with a weight and no bias, a bias and no weight, a frozen weight
+    m_full = x.numel() // 3
+    xg = gather(x, groups[0])
+    invstd = (sample_moments(x, groups)[1] + 1e-5).rsqrt()
+    xhat_s = (xg - mean.view(1, 3, 1, 1)) * invstd.view(1, 3, 1, 1)
+    dys = gather(dy, groups[0])
+    want_dw = (dys * xhat_s).sum((0, 2, 3)) / n * m_full
+    want_db = dys.sum((0, 2, 3)) / n * m_full
+    w = (torch.rand(3) + 0.5).requires_grad_()  # fp32 parameters of an fp64 input: gradients stay fp32
+    reference.batch_norm(x.clone().requires_grad_(), w, None, groups, 1e-5, True).backward(dy)
+    assert w.grad.dtype == torch.float32
+    torch.testing.assert_close(w.grad.double(), want_dw, rtol=1e-6, atol=1e-6)
+    b = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    reference.batch_norm(x.clone().requires_grad_(), None, b, groups, 1e-5, True).backward(dy)
+    torch.testing.assert_close(b.grad, want_db)
+    frozen = torch.ones(3, dtype=torch.float64)
+    b.grad = None
+    reference.batch_norm(x.clone().requires_grad_(), frozen, b, groups, 1e-5, True).backward(dy)
+    torch.testing.assert_close(b.grad, want_db)
+    assert frozen.grad is None
+    # sample_backward needs one group: pooled groups are refused with a message that says so
+    two = build_groups(BatchSampling(ratio=0.25), shape, 8, 0, torch.tensor(0), 1, host_step=0) * 2
+    with pytest.raises(ValueError, match=r"^sample_backward needs a single sample group \(it is not available "
+                                         r"with VDN mixing\)$"):
+        reference.batch_norm(x, None, None, two, 1e-5, True)
+
+
 class _Recorder(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -303,6 +356,32 @@ def test_dispatch_choice():
     assert dispatch.choose_path(x.bfloat16(), w, 1, w) == "reference"  # the CPU path is fp32/fp64 only
     assert dispatch.choose_path(x.to("meta"), w.to("meta"), 1, None) == "reference"
     assert dispatch.choose_path(x.double(), w, 1, w) == "reference"  # weight in another dtype
+    assert dispatch.choose_path(x, None, 1, None) == "cpu"  # no affine, no running statistics
+    assert dispatch.choose_path(x, w, 1, w.double()) == "reference"  # running statistics in another dtype
+
+
+def test_dispatch_choice_on_cuda_tensors():
+    """The CUDA rule, on fake CUDA tensors (no GPU needed): SyncBatchNorm's primitives for fp16/bf16/fp32/fp64
+    inputs with the weight in the accumulation dtype or absent, and running statistics accumulating in it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    f16, bf16, f32, f64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
+    with FakeTensorMode():
+        def t(dtype, *shape):
+            return torch.empty(shape or (3,), device="cuda", dtype=dtype)
+
+        choose = dispatch.choose_path
+        for dt in (f16, bf16, f32):
+            assert choose(t(dt, 4, 3, 8, 8), t(f32), 1, t(f32)) == "cuda", dt  # AMP: fp32 parameters
+            assert choose(t(dt, 4, 3, 8, 8), None, 1, None) == "cuda", dt
+        assert choose(t(f64, 4, 3, 8, 8), t(f64), 1, t(f64)) == "cuda"
+        assert choose(t(bf16, 4, 3, 8, 8), t(f32), 1, t(bf16)) == "cuda"  # bf16 running stats accumulate in fp32
+        assert choose(t(f32, 4, 3, 8, 8), t(f32), 2, t(f32)) == "reference"  # pooled groups
+        assert choose(t(f16, 4, 3, 8, 8), t(f16), 1, t(f32)) == "reference"  # a .half() model's fp16 weight
+        assert choose(t(f64, 4, 3, 8, 8), t(f32), 1, t(f64)) == "reference"  # weight in another accumulation dtype
+        assert choose(t(f64, 4, 3, 8, 8), t(f64), 1, t(f32)) == "reference"  # running stats in another one
+        assert choose(t(f32, 4, 3, 8, 8), None, 1, t(f64)) == "reference"
+        assert choose(t(torch.float8_e4m3fn, 4, 3, 8, 8), None, 1, None) == "reference"  # not a CUDA BN dtype
 
 
 @pytest.mark.parametrize("spec", [BatchSampling(ratio=0.25), FeatureSampling(area_ratio=1 / 4, layout="band",
@@ -400,7 +479,7 @@ def test_exact_spec_reason():
 
 
 @pytest.mark.parametrize("per_row,area,applies", [(8, 1 / 16, False), (128, 1 / 16, False), (8, 1 / 4, False),
-                                                  (128, 1 / 4, True)])
+                                                  (128, 1 / 4, True), (64, 1 / 4, True), (63, 1 / 4, False)])
 def test_sample_backward_floor(per_row, area, applies):
     """sample_backward estimates the backward's sums only from samples of at least MIN_SAMPLE_BACKWARD_VALUES
     values per channel and MIN_SAMPLE_BACKWARD_FRACTION of the layer; any other sample takes the exact-gradient

@@ -436,11 +436,18 @@ def test_layer_fast_path_equals_device_draws(spec, shape):
     assert int(sbn.num_batches_tracked) == 3
 
 
+# VDN mixing with sampled real rows: the real group covers rows [0, n_real) of a batch with virtual rows after them
+MIXED = [VirtualDataset(num_samples=3, mix=0.5, real=BatchSampling(ratio=0.25)),
+         VirtualDataset(num_samples=3, mix=0.5, real=BatchSampling(ratio=0.25, draw="random")),
+         VirtualDataset(num_samples=3, mix=0.5, real=FeatureSampling(area_ratio=0.25, layout="grid", per_sample=True)),
+         VirtualDataset(num_samples=3, mix=0.5, real=FeatureSampling(area_ratio=0.25, layout="band", per_sample=True))]
+
+
 @pytest.mark.parametrize("spec", [BatchSampling(ratio=0.25), BatchSampling(ratio=0.25, draw="random"),
                                   FeatureSampling(area_ratio=0.2), FeatureSampling(area_ratio=0.25, layout="grid"),
                                   FeatureSampling(area_ratio=0.25, layout="grid", per_sample=True),
                                   FeatureSampling(area_ratio=0.25, layout="band", per_sample=True),
-                                  VirtualDataset(num_samples=3, mix=0.5)], ids=lambda s: s.describe())
+                                  VirtualDataset(num_samples=3, mix=0.5)] + MIXED, ids=lambda s: s.describe())
 @pytest.mark.parametrize("shape", [(8, 3, 6, 5), (8, 3, 10), (8, 3)])
 def test_sample_mask_marks_exactly_the_gathered_elements(spec, shape):
     """The compiled path adds the statistics' term through ``sample_mask``: it must cover the elements
@@ -595,3 +602,37 @@ def test_cached_plan_equals_general_path(spec, channels_last):
         assert torch.equal(ya, yb) and torch.equal(xa.grad, xb.grad)
         assert torch.equal(bn.weight.grad, ref.weight.grad) and torch.equal(bn.running_var, ref.running_var)
     assert type(next(iter(bn._exact_cache.values()))[5][2]).__name__ == "FusedPlan"  # the plan path ran
+
+
+@pytest.mark.parametrize("spec", [BatchSampling(ratio=0.25), BatchSampling(ratio=0.25, draw="random"),
+                                  FeatureSampling(area_ratio=0.2), FeatureSampling(area_ratio=0.25, layout="grid"),
+                                  FeatureSampling(area_ratio=0.25, layout="grid", per_sample=True),
+                                  FeatureSampling(area_ratio=0.25, layout="band", per_sample=True)] + MIXED,
+                         ids=lambda s: s.describe())
+@pytest.mark.parametrize("shape", [(8, 3, 6, 5), (8, 3, 10), (8, 3)])
+def test_device_drawn_sample_stays_on_the_input_device(spec, shape):
+    """A sample drawn on the device (no host step) lives on the input's device: its index tensors, the gathered
+    values and the compiled path's mask.  On meta tensors, as a stand-in for CUDA: a tensor made on the default
+    device by mistake would meet a CUDA input in the same op and fail there."""
+    meta = torch.device("meta")
+    n_virtual = 3 if isinstance(spec, VirtualDataset) else 0
+    full = (shape[0] + n_virtual, *shape[1:])
+    x = torch.empty(full, device=meta)
+    groups = build_groups(spec, full, shape[0], n_virtual, torch.tensor(5, device=meta), seed=2)
+    for g in groups:
+        assert g.view is None
+        for t in (g.rows, g.pos):
+            assert t is None or t.device == meta
+        taken = gather(x, g)
+        assert taken.device == meta and taken.numel() == g.count * full[1]
+        mask = sample_mask(full, g, meta)
+        assert mask.device == meta and mask.dtype == torch.bool
+        assert mask.shape == (full[0], 1, *full[2:]) or mask.shape == (full[0], 1) + (1,) * (len(full) - 2)
+
+
+def test_sample_mask_refuses_a_host_drawn_view():
+    g = build_groups(BatchSampling(ratio=0.25), (8, 3, 6, 5), 8, 0, torch.tensor(0), 1, host_step=0)[0]
+    assert g.view is not None
+    with pytest.raises(ValueError, match=r"^sample_mask: a host-drawn \(view\) sample has no index tensors; "
+                                         r"draw it on the device$"):
+        sample_mask((8, 3, 6, 5), g, torch.device("cpu"))

@@ -225,6 +225,66 @@ def test_recalibrate_table_and_progress(capsys):
     assert d["sites"][0]["name"] == "1" and len(d["sites"][0]["new_mean"]) == 6
 
 
+def test_recalibration_result_text_and_dict_exactly():
+    """The table, summary and dict of a RecalibrationResult, character for character (built by hand)."""
+    from fxbns.stats import RecalibrationResult, SiteRecalibration
+
+    t = torch.tensor
+    site = SiteRecalibration("layer1.bn", "module", 2, 640, t([0.0, 1.0]), t([1.0, 2.0]), t([0.5, 1.0]),
+                             t([1.0, 4.0]), 0.123456, 0.5)
+    full = RecalibrationResult([site], batches=3, requested=3, samples=96)
+    assert not full.ran_out and len(full) == 1
+    assert str(full) == repr(full) == (
+        "name       channels  values/channel  mean shift (std)  var change\n"
+        "---------  --------  --------------  ----------------  ----------\n"
+        "layer1.bn  2         640             0.1235            50.00%\n"
+        "1 BatchNorm sites recalibrated over 3 batches (96 samples)")
+    short = RecalibrationResult([site], batches=2, requested=5, samples=64, skipped={"head.bn": "not reached"})
+    assert short.ran_out
+    assert str(short).splitlines()[-2:] == [
+        "1 BatchNorm sites recalibrated over 2 of the 5 batches asked for (64 samples): the data ran out",
+        "not recalibrated: head.bn: not reached"]
+    assert short.to_dict() == {
+        "batches": 2, "requested": 5, "samples": 64, "ran_out": True, "skipped": {"head.bn": "not reached"},
+        "sites": [{"name": "layer1.bn", "kind": "module", "channels": 2, "count": 640, "mean_shift": 0.123456,
+                   "var_change": 0.5, "old_mean": [0.0, 1.0], "old_var": [1.0, 2.0], "new_mean": [0.5, 1.0],
+                   "new_var": [1.0, 4.0]}]}
+
+
+def test_calibration_result_text_and_dict_exactly():
+    """The table, summary and dict of a CalibrationResult, character for character (built by hand)."""
+    from fxbns.stats import CalibrationResult
+
+    fs = FeatureSampling(area_ratio=1 / 16, layout="band", per_sample=True)
+    rows = [{"name": "1", "shape": [32, 6, 16, 16], "between": 0.25, "positional": 0.125, "rho1": 0.5, "spec": fs,
+             "sample": 512, "fraction": 0.0625, "mean_error": 0.0812, "var_error": 0.0934, "n_eff": 150.0,
+             "reason": None, "candidates": [{"spec": fs, "mean_error": 0.0812}]},
+            {"name": "4", "shape": [32, 5, 16, 16], "between": None, "positional": None, "rho1": None, "spec": None,
+             "sample": None, "fraction": None, "mean_error": None, "var_error": None, "n_eff": None,
+             "reason": "no candidate meets the target", "candidates": []}]
+    policy = fxbns.Policy(None).set_module_name("1", fs)
+    res = CalibrationResult(policy, rows, target_error=0.1, batches=2, batch_shape=(32, 3, 16, 16))
+    assert res.mean_fraction == 0.0625
+    assert str(res) == repr(res) == (
+        "name  shape       between  positional  rho(1)  chosen                             sample      "
+        "error mean/var\n"
+        "----  ----------  -------  ----------  ------  ---------------------------------  ----------  "
+        "--------------\n"
+        "1     32x6x16x16  0.25     0.12        0.50    fs(band, area=0.0625, per_sample)  512 (6.2%)  0.081/0.093\n"
+        "4     32x5x16x16  -        -           -       exact                              -           -\n"
+        "2 BatchNorm sites: 1 sampled, 1 exact; mean sample fraction 0.062; target error 0.1 (RMS relative error of "
+        "the batch mean, in std, and variance); 2 batches of 32x3x16x16\n"
+        "exact: 4: no candidate meets the target")
+    d = res.to_dict()
+    assert d["target_error"] == 0.1 and d["batches"] == 2 and d["batch_shape"] == [32, 3, 16, 16]
+    assert d["policy"] == policy.to_dict()
+    spec_dict = fxbns.policy.spec_to_dict(fs)
+    assert d["sites"][0]["spec"] == spec_dict and d["sites"][0]["candidates"] == [{"spec": spec_dict,
+                                                                                   "mean_error": 0.0812}]
+    assert d["sites"][1]["spec"] is None and d["sites"][0]["shape"] == [32, 6, 16, 16]
+    assert CalibrationResult(policy, [rows[1]], 0.1, 1, (8, 3)).mean_fraction == 1.0
+
+
 # -- calibrate ---------------------------------------------------------------------------------------------------
 
 def _photo_batches(n, batch=32, seed=0):
