@@ -32,6 +32,15 @@ def _cl_kernel(t: torch.Tensor) -> bool:
         t.is_contiguous() and t.ndim >= 2 and t.stride(1) == 1)
 
 
+def _suggest_memory_format(t: torch.Tensor) -> torch.memory_format:
+    """``Tensor::suggest_memory_format`` for the dense layouts met here."""
+    if t.ndim == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        return torch.channels_last
+    if t.ndim == 5 and t.is_contiguous(memory_format=torch.channels_last_3d) and not t.is_contiguous():
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
 def _stat(t: torch.Tensor, x: torch.Tensor, name: str) -> None:
     assert t.dtype == _acc(x.dtype), f"{name} must be {_acc(x.dtype)} for a {x.dtype} input, got {t.dtype}"
     assert t.ndim == 1 and t.shape[0] == x.shape[1] and t.is_contiguous(), f"{name} must be a contiguous (C,) vector"
@@ -91,17 +100,17 @@ def batch_norm_elemt(x, weight, bias, mean, invstd, eps):
         assert weight.dtype == _acc(x.dtype), "a weight of another dtype than the input is read as accscalar_t"
     if bias is not None and weight is not None:
         assert bias.dtype == weight.dtype
-    fmt = torch.channels_last if x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last) \
-        and not x.is_contiguous() else torch.contiguous_format
+    # batch_norm_elemt_cuda: ``at::empty_like(self)``, i.e. the input's own strides (preserve_format)
+    out = torch.empty_like(x)
     if _meta(x):
-        return torch.empty_like(x, memory_format=fmt)
+        return out
     acc = mean.dtype
     y = (x.to(acc) - _b(mean, x.ndim)) * _b(invstd, x.ndim)
     if weight is not None:
         y = y * _b(weight.to(acc), x.ndim)
     if bias is not None:
         y = y + _b(bias.to(acc), x.ndim)
-    return y.to(x.dtype).contiguous(memory_format=fmt)
+    return out.copy_(y)
 
 
 def batch_norm_gather_stats_with_counts(x, mean, invstd, running_mean, running_var, momentum, eps, counts):
@@ -170,16 +179,18 @@ def batch_norm_backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, c
     if _cl_kernel(dy):
         # the channels-last kernel reads dy and x through raw pointers with dy's layout
         assert x.stride() == dy.stride(), f"x strides {x.stride()} differ from dy's {dy.stride()} (channels-last kernel)"
+    # the channels-last kernel allocates ``at::empty_like(input, input.suggest_memory_format())``, the other
+    # template a contiguous tensor
+    fmt = _suggest_memory_format(x) if _cl_kernel(dy) and _cl_kernel(x) else torch.contiguous_format
     if _meta(x):
-        return torch.empty_like(x, memory_format=torch.channels_last if (
-            x.ndim == 4 and _cl_kernel(dy) and not dy.is_contiguous()) else torch.contiguous_format)
+        return torch.empty_like(x, memory_format=fmt)
     acc = mean.dtype
     n = float(count.to(torch.float64).sum())
     nd = x.ndim
     w = _b(weight.to(acc), nd) if weight is not None else 1.0
     dx = (dy.to(acc) - _b(sum_dy / n, nd) - (x.to(acc) - _b(mean, nd)) * _b(invstd.square() * sum_dy_xmu / n, nd)) \
         * _b(invstd, nd) * w
-    return dx.to(dy.dtype)
+    return dx.to(dy.dtype).contiguous(memory_format=fmt)
 
 
 _OPS = {"batch_norm_stats": batch_norm_stats, "batch_norm_elemt": batch_norm_elemt,

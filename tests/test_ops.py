@@ -166,6 +166,24 @@ def test_exact_gradient_form_is_autograd_of_the_reference():
                 lambda x, w, b, g=groups, p=path: sampled_batch_norm(x, w, b, g, 1e-5, False, path=p), (x, w, b))
 
 
+@pytest.mark.parametrize("shape,fmt", [((4, 6, 5, 5), torch.channels_last), ((4, 6, 3, 4, 4), torch.channels_last_3d),
+                                       ((4, 6, 5, 5), torch.contiguous_format)], ids=["cl", "cl3d", "nchw"])
+@pytest.mark.parametrize("sb", [False, True], ids=["exact-grad", "sample_backward"])
+def test_cuda_path_keeps_the_input_layout(shape, fmt, sb):
+    """The CUDA path's output and input gradient keep a channels-last (2d or 3d) input's layout, with no copy of
+    the input into another one; an NCHW input stays NCHW."""
+    x = torch.randn(shape, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_()
+    w, b = torch.rand(6, dtype=torch.float64) + 0.5, torch.randn(6, dtype=torch.float64)
+    groups = build_groups(FeatureSampling(area_ratio=1 / 4, layout="band", per_sample=True), shape, 4, 0,
+                          torch.tensor(1), 3)
+    cuda_primitives.CALLS.clear()
+    y = sampled_batch_norm(x, w, b, groups, 1e-5, sb, None, None, 0.1, path="cuda")
+    y.backward(torch.randn(shape, dtype=torch.float64))  # an NCHW gradient: the backward puts it in x's layout
+    assert y.is_contiguous(memory_format=fmt) and x.grad.is_contiguous(memory_format=fmt)
+    elemt = [args for name, args in cuda_primitives.CALLS if name == "batch_norm_elemt"]
+    assert elemt and elemt[0][0][2] == x.stride()  # the forward read x in place, in its own layout
+
+
 def test_reference_defaults_and_partial_affine():
     """The reference's defaults (exact gradients, momentum 0.1) and sample_backward with only one of the affine
     parameters, or a frozen one: each gradient that is asked for, in its parameter's dtype, by the formula."""
