@@ -636,3 +636,54 @@ def test_sample_mask_refuses_a_host_drawn_view():
     with pytest.raises(ValueError, match=r"^sample_mask: a host-drawn \(view\) sample has no index tensors; "
                                          r"draw it on the device$"):
         sample_mask((8, 3, 6, 5), g, torch.device("cpu"))
+
+
+def _coverage_spread(k: int, d: int, length: int, row: int) -> int:
+    """max - min over the columns of a map row of how many of k bands (flat starts 0, d, .., (k-1)d) cover it,
+    counted element by element."""
+    cover = [0] * row
+    for i in range(k):
+        for e in range(i * d, i * d + length):
+            cover[e % row] += 1
+    return max(cover) - min(cover)
+
+
+def test_column_unevenness_counts_the_bands():
+    from fxbns.sampling import _column_unevenness
+
+    for row in range(2, 8):
+        for length in range(1, 3 * row + 2):
+            for k in range(1, 5):
+                for d in range(0, 2 * row + 1):
+                    assert _column_unevenness(k, d, length, row) == _coverage_spread(k, d, length, row), \
+                        (k, d, length, row)
+
+
+@pytest.mark.parametrize("spec", [BatchSampling(ratio=0.25), BatchSampling(ratio=0.25, draw="random"),
+                                  BatchSampling(ratio=0.5, min_samples=8),  # the whole batch
+                                  FeatureSampling(area_ratio=0.2), FeatureSampling(area_ratio=0.25, layout="grid"),
+                                  FeatureSampling(area_ratio=0.25, layout="grid", per_sample=True),
+                                  FeatureSampling(area_ratio=0.25, layout="band", per_sample=True),
+                                  VirtualDataset(num_samples=3, mix=0.5)] + MIXED, ids=lambda s: s.describe())
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("host", [False, True], ids=["device-draw", "host-draw"])
+def test_put_and_scatter_add_write_exactly_the_sample(spec, channels_last, host):
+    """``put_`` writes gather's values back to the elements gather takes and nowhere else; ``scatter_add_`` adds
+    them there (every group kind: views, whole blocks, virtual rows, rows, shared and per-row positions)."""
+    from fxbns.sampling import put_, scatter_add_
+
+    n_virtual = 3 if isinstance(spec, VirtualDataset) else 0
+    full = (8 + n_virtual, 3, 6, 5)
+    ids = torch.arange(1, math.prod(full) + 1, dtype=torch.float64).reshape(full)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    ids = ids.contiguous(memory_format=fmt)
+    for g in build_groups(spec, full, 8, n_virtual, torch.tensor(5), seed=2, host_step=5 if host else None):
+        values = gather(ids, g)
+        dx = torch.zeros_like(ids)
+        put_(dx, g, values)
+        assert torch.equal(dx[dx != 0].sort().values, values.flatten().sort().values)
+        assert torch.equal(gather(dx, g), values)
+        acc = torch.zeros_like(ids)
+        scatter_add_(acc, g, values)
+        scatter_add_(acc, g, values)
+        torch.testing.assert_close(acc, 2 * dx, rtol=0, atol=0)

@@ -151,6 +151,43 @@ def test_recalibrate_functional_sites():
         torch.testing.assert_close(gm.rv.double(), var, rtol=1e-5, atol=1e-6)
 
 
+class _TwoFunctional(nn.Module):
+    """Two functional batch norms in one owner (its buffers), then one on tensors the model does not register."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Module()
+        self.block.conv = nn.Conv2d(3, 4, 3)
+        for i in range(2):
+            self.block.register_buffer(f"rm{i}", torch.zeros(4))
+            self.block.register_buffer(f"rv{i}", torch.ones(4))
+        self.loose = (torch.zeros(4), torch.ones(4))  # not buffers: the site has no owner
+
+    def forward(self, x):
+        b = self.block
+        y = F.batch_norm(b.conv(x), b.rm0, b.rv0, training=True)
+        z = F.batch_norm(y * 2 + 1, b.rm1, b.rv1, training=True)
+        return F.batch_norm(z - 3, *self.loose, training=True)
+
+
+def test_recalibrate_functional_sites_in_one_owner_and_unowned():
+    """Each functional site gets its own statistics and the site finder's name: owner + ".batch_norm", "#k" for
+    the k-th call of the same owner; statistics that are not the model's buffers have no owner."""
+    batches = [torch.randn(8, 3, 6, 6) for _ in range(2)]
+    m = _TwoFunctional()
+    res = fxbns.recalibrate(m, batches, num_batches=2)
+    assert [s.name for s in res.sites] == ["block.batch_norm", "block.batch_norm#1", "batch_norm"]
+    x = torch.cat([m.block.conv(b) for b in batches]).detach()
+    mean, var = _pooled(x)
+    torch.testing.assert_close(m.block.rm0.double(), mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(m.block.rv0.double(), var, rtol=1e-5, atol=1e-6)
+    # the second site's input is the first's output: per batch, batch-normalised with that batch's statistics
+    y = torch.cat([F.batch_norm(m.block.conv(b), None, None, training=True) * 2 + 1 for b in batches]).detach()
+    mean1, var1 = _pooled(y)
+    torch.testing.assert_close(m.block.rm1.double(), mean1, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(m.block.rv1.double(), var1, rtol=1e-5, atol=1e-5)
+
+
 def _state(gm):
     out = {k: v.clone() for k, v in gm.state_dict().items() if "running_" not in k}
     for name, m in gm.named_modules():
