@@ -184,6 +184,29 @@ def test_cuda_path_keeps_the_input_layout(shape, fmt, sb):
     assert elemt and elemt[0][0][2] == x.stride()  # the forward read x in place, in its own layout
 
 
+def test_cuda_path_non_dense_input_and_half_running_statistics():
+    """A strided (non-dense) input is copied once and normalised like the reference; bf16 running statistics with
+    a cumulative (tensor) momentum move like the reference's."""
+    base = torch.randn(8, 3, 6, 10, dtype=torch.float64)
+    x = base[:, :, :, ::2]  # not dense in any layout
+    groups = build_groups(FeatureSampling(area_ratio=1 / 4, layout="band", per_sample=True), tuple(x.shape), 8, 0,
+                          torch.tensor(1), 3)
+    ref = sampled_batch_norm(x, None, None, groups, 1e-5, False, None, None, 0.1, path="reference")
+    torch.testing.assert_close(sampled_batch_norm(x, None, None, groups, 1e-5, False, None, None, 0.1, path="cuda"),
+                               ref)
+    xh = (torch.randn(8, 3, 6, 5) * 2 + 1).bfloat16()
+    groups = build_groups(FeatureSampling(area_ratio=1 / 4, layout="band", per_sample=True), tuple(xh.shape), 8, 0,
+                          torch.tensor(1), 3)
+    stats = {}
+    for path in ("reference", "cuda"):
+        rm, rv = torch.zeros(3, dtype=torch.bfloat16), torch.ones(3, dtype=torch.bfloat16)
+        sampled_batch_norm(xh, None, None, groups, 1e-5, False, rm, rv, torch.tensor(0.5), path=path)
+        stats[path] = (rm, rv)
+    for a, b in zip(stats["reference"], stats["cuda"]):
+        assert a.dtype == b.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-2)
+
+
 def test_reference_defaults_and_partial_affine():
     """The reference's defaults (exact gradients, momentum 0.1) and sample_backward with only one of the affine
     parameters, or a frozen one: each gradient that is asked for, in its parameter's dtype, by the formula."""
