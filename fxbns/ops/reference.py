@@ -77,7 +77,6 @@ class _SampleBackward(torch.autograd.Function):
     def forward(ctx, x, weight, bias, mean, invstd, group):
         ctx.group = group
         ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.has_bias = bias is not None
         return _normalise(x, weight, bias, mean, invstd)
 
     @staticmethod
