@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 
 from ..sampling import Group, gather, scatter_add_
-from .reference import update_running_stats
+from .reference import dense_memory_format, update_running_stats
 
 _bn_backward = torch.ops.aten.native_batch_norm_backward.default
 
@@ -326,11 +326,6 @@ def fused_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.T
                                         momentum, stats_out)
 
 
-def _memory_format(t: torch.Tensor) -> torch.memory_format:
-    if t.ndim == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
-        return torch.channels_last
-    if t.ndim == 5 and t.is_contiguous(memory_format=torch.channels_last_3d) and not t.is_contiguous():
-        return torch.channels_last_3d
-    return torch.contiguous_format
+_memory_format = dense_memory_format
 
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 import torch
 
 from ..sampling import Group, gather, put_
+from .reference import dense_memory_format
 
 __all__ = ["batch_norm"]
 
@@ -56,12 +57,7 @@ def _const(value, n: int, dtype: torch.dtype, device: torch.device) -> torch.Ten
     return t
 
 
-def _memory_format(t: torch.Tensor) -> torch.memory_format:
-    if t.ndim == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    if t.ndim == 5 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
+_memory_format = dense_memory_format
 
 
 class _CudaSampledBatchNorm(torch.autograd.Function):

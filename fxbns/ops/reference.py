@@ -30,12 +30,22 @@ import torch
 
 from ..sampling import Group, gather
 
-__all__ = ["acc_dtype", "sample_moments", "batch_norm", "update_running_stats"]
+__all__ = ["acc_dtype", "dense_memory_format", "sample_moments", "batch_norm", "update_running_stats"]
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype statistics are computed in: fp64 for fp64 inputs, else fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def dense_memory_format(t: torch.Tensor) -> torch.memory_format:
+    """The memory format a dense tensor is laid out in: channels_last (3d) only where it is not also plain
+    contiguous (a tensor contiguous in both, such as one with 1x1 maps, counts as contiguous)."""
+    if t.ndim == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        return torch.channels_last
+    if t.ndim == 5 and t.is_contiguous(memory_format=torch.channels_last_3d) and not t.is_contiguous():
+        return torch.channels_last_3d
+    return torch.contiguous_format
 
 
 def _bshape(t: torch.Tensor, ndim: int) -> torch.Tensor:
