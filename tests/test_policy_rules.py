@@ -406,3 +406,80 @@ def test_an_unset_conv_rule_prints_as_unset():
 
 def test_set_sample_backward_turns_it_on_by_default():
     assert Policy(BS).set_sample_backward().default.sample_backward is True
+
+
+# -- policy-file entries by preset name, sync, and regex hints: each value checked -----------------------------------
+def test_preset_entries_by_name():
+    # {preset: name}: that preset's own estimator (not the class default), also for conv_bn and micro_batch
+    p = Policy.from_dict({"conv_bn": {"preset": "bs"}, "micro_batch": {"preset": "micro"}})
+    assert p.conv_bn == Policy.from_preset("bs").default and p.micro == Policy.from_preset("micro").micro
+    # a field to change merges into the preset's estimator: every other field stays the preset's
+    q = Policy.from_dict({"default": {"preset": "bs", "ratio": 0.25}})
+    base = Policy.from_preset("bs").default
+    assert spec_to_dict(q.default) == {**spec_to_dict(base), "ratio": 0.25}
+    # a micro-batch entry naming a preset with a regime, and one naming a preset without one
+    assert Policy.from_dict({"micro_batch": {"preset": "micro", "threshold": 3}}).micro.threshold == 3
+    with pytest.raises(ValueError, match=r"^policy micro_batch: preset 'fs' has no micro-batch regime; "):
+        Policy.from_dict({"micro_batch": {"preset": "fs"}})
+    # a default entry naming the micro preset takes its default estimator: a micro regime is not a default
+    assert Policy.from_dict({"default": {"preset": "micro"}}).default == Policy.from_preset("micro").default
+    with pytest.raises(ValueError, match=r"^policy conv_bn: unknown preset 'bss' \(did you mean bs"):
+        Policy.from_dict({"conv_bn": {"preset": "bss"}})
+
+
+def test_unknown_preset_hints_list_at_most_three_presets():
+    with pytest.raises(ValueError) as e:
+        Policy.from_dict({"default": {"preset": "s"}})  # close to several one- and two-letter presets
+    hint = str(e.value).split("(did you mean ")[1].split("?)")[0] if "did you mean" in str(e.value) else ""
+    assert len(hint.split(", ")) <= 3
+    with pytest.raises(ValueError, match=r"unknown preset 'vdm' \(did you mean vdn\?\); presets: "):
+        Policy.from_dict({"default": {"preset": "vdm"}})  # matched against the preset names only
+
+
+def test_a_top_level_preset_keeps_its_seed_unless_given():
+    preset_seed = Policy.from_preset("vdn").seed
+    assert Policy.from_dict({"preset": "vdn"}).seed == preset_seed
+    assert Policy.from_dict({"preset": "vdn", "seed": preset_seed + 3}).seed == preset_seed + 3
+    assert Policy.from_dict({"preset": "vdn", "input": "img"}).input_name == "img"
+
+
+def test_sync_round_trips_with_its_regex():
+    p = Policy(BS).set_sync(module_name_regex=r"layer\d.*")
+    d = p.to_dict()
+    assert d["sync"] == {"process_group": None, "module_name_regex": r"layer\d.*"}
+    q = Policy.from_dict(json.loads(json.dumps(d)))
+    assert q.sync is True and q.sync_regex == r"layer\d.*" and q.sync_for("layer1.bn") and not q.sync_for("bn1")
+    assert Policy(BS).set_sync().to_dict()["sync"] == {"process_group": None}
+    r = Policy.from_dict({"sync": {"process_group": None}})
+    assert r.sync is True and r.sync_regex is None and r.sync_for("anything")
+    assert "sync" not in Policy(BS).to_dict() and not Policy.from_dict({}).sync
+    for bad in ({"group": None}, {"process_group": "gloo"}, ["process_group"]):
+        with pytest.raises(ValueError, match="policy key 'sync' must be a mapping"):
+            Policy.from_dict({"sync": bad})
+
+
+def test_set_sync_turns_on_by_default_and_checks_its_flag():
+    p = Policy(BS)
+    assert p.set_sync().sync is True and p.set_sync(enabled=False).sync is False
+    with pytest.raises(TypeError, match=r"^set_sync: enabled must be True or False, got 1$"):
+        Policy(BS).set_sync(enabled=1)
+
+
+def test_regex_hints_name_the_closest_sites_and_at_most_five():
+    sites = [f"layer{i}.0.bn1" for i in range(1, 9)]
+    with pytest.raises(ValueError) as e:
+        Policy().set_module_name_regex(r"layer9\.0\.bn1", BS).validate_names(sites, sites)
+    msg = str(e.value)
+    assert msg.startswith(r"policy module_name_regex 'layer9\.0\.bn1' matches no BatchNorm site")
+    close = msg.split("closest BatchNorm names: ")[1].split(", ")
+    assert len(close) == 5 and set(close) <= set(sites)  # the escapes stripped, then five close names
+    # a regex that matches a site passes; one that matches none and resembles none lists the first five sites
+    Policy().set_module_name_regex(r"layer1\.0\.bn\d", BS).validate_names(sites, sites)
+    with pytest.raises(ValueError, match=r"its BatchNorms are e\.g\. layer1\.0\.bn1, layer2\.0\.bn1, layer3\.0\.bn1, "
+                                         r"layer4\.0\.bn1, layer5\.0\.bn1$"):
+        Policy().set_module_name_regex("zzzzzzzzzzzzzzzzzzzz", BS).validate_names(sites, sites)
+    with pytest.raises(ValueError, match=r"its BatchNorms are e\.g\. layer1\.0\.bn1, layer2\.0\.bn1, layer3\.0\.bn1, "
+                                         r"layer4\.0\.bn1, layer5\.0\.bn1$"):
+        Policy().set_module_name("zzzzzzzzzzzzzzzzzzzz", None).validate_names(sites, sites)
+    with pytest.raises(ValueError, match=r"its BatchNorms are e\.g\. \(none\)$"):
+        Policy().set_module_name_regex("x", BS).validate_names([], [])

@@ -65,7 +65,8 @@ def _inputs_of(model: nn.Module, batches, kind=nn.BatchNorm2d):
 
 
 DATA = torch.randn(96, 3, 10, 10) * 2 + 0.5
-SPLITS = {"3x32": [DATA[:32], DATA[32:64], DATA[64:]], "16+48+32": [DATA[:16], DATA[16:64], DATA[64:]]}
+SPLITS = {"3x32": [DATA[:32], DATA[32:64], DATA[64:]], "16+48+32": [DATA[:16], DATA[16:64], DATA[64:]],
+          "95+1": [DATA[:95], DATA[95:]]}
 
 
 @pytest.mark.parametrize("split", list(SPLITS))
@@ -449,3 +450,151 @@ def test_calibrate_errors():
         fxbns.calibrate(model, [DATA[:8]], target_error=0)
     with pytest.raises(ValueError, match="batch 0 is a list"):
         fxbns.calibrate(model, [[[1, 2]]])
+
+
+# -- calibrate's figures against their formulas, computed here from the data --------------------------------------
+def _structured(n, c=3, h=6, w=8, seed=0):
+    """Per-sample offsets, a map pattern common to every sample, and channels of different scales and means."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, h, dtype=torch.float64),
+                            torch.linspace(-1, 1, w, dtype=torch.float64), indexing="ij")
+    pattern = torch.stack([torch.exp(-3 * (yy ** 2 + xx ** 2)), yy, xx * yy])[:c]  # (c, h, w)
+    scale = torch.tensor([1.0, 5.0, 0.2], dtype=torch.float64)[:c].reshape(1, c, 1, 1)
+    shift = torch.tensor([0.0, -3.0, 10.0], dtype=torch.float64)[:c].reshape(1, c, 1, 1)
+    x = (torch.randn(n, c, 1, 1, generator=g, dtype=torch.float64) + 2 * pattern
+         + torch.randn(n, c, h, w, generator=g, dtype=torch.float64))
+    return x * scale + shift
+
+
+def _figures(batches):
+    """between, positional, rho1 and each BS sample's errors, worked out directly from the model's formulas."""
+    n = batches[0].shape[0]
+    fields = {"mean": [], "var": []}
+    var = []
+    for x in batches:
+        var.append(x.var((0, 2, 3), unbiased=False))
+        fields["mean"].append(x)
+        fields["var"].append((x - x.mean((0, 2, 3), keepdim=True)) ** 2)
+    var = torch.stack(var).mean(0)
+    out = {}
+    for key, fl in fields.items():
+        rows = torch.cat(fl)  # every row of every call
+        d = rows - rows.mean((2, 3), keepdim=True)
+        g = d.mean(0)  # the common map
+        sb2 = torch.stack([f.mean((2, 3)).var(0, unbiased=True) for f in fl]).mean(0)
+        out[key] = (sb2, g, d - g, rows.shape[0])
+    sb2, g, e, r = out["mean"]
+    e2 = e.pow(2).mean((2, 3)).sum(0)
+    gp = g.pow(2).mean((1, 2)) - e2 / r / r
+    lag = ((e[..., 1:] * e[..., :-1]).mean((2, 3)).sum(0) + (e[:, :, 1:] * e[:, :, :-1]).mean((2, 3)).sum(0)) / 2
+    figures = {"between": float((sb2 / var).mean()), "positional": float((gp.clamp_min(0) / var).mean()),
+               "rho1": float((lag / e2).mean())}
+
+    def bs(m):
+        f = 1 / m - 1 / n
+        return (float((out["mean"][0] * f / var).mean().sqrt()), float((out["var"][0] * f / var ** 2).mean().sqrt()))
+    return figures, bs
+
+
+def test_calibrate_figures_equal_their_formulas_on_structured_maps():
+    batches = list(_structured(3 * 16).split(16))
+    res = fxbns.calibrate(_Identity(3).double(), batches, target_error=0.3)
+    row = res.table[0]
+    figures, bs = _figures(batches)
+    for k, v in figures.items():
+        assert row[k] == pytest.approx(v, rel=1e-9), k
+    assert 0.2 < row["positional"] < 0.9 and 0.05 < row["between"] < 0.9  # the structure is seen, not noise
+    size = 6 * 8
+    bs_rows = [c for c in row["candidates"] if isinstance(c["spec"], BatchSampling)]
+    assert [c["sample"] // size for c in bs_rows] == [8, 4, 2]  # 16 rows: 1/2, 1/4, 1/8 (1/16, 1/32 give 2 again)
+    for c in bs_rows:
+        em, ev = bs(c["sample"] // size)
+        assert (c["mean_error"], c["var_error"]) == (pytest.approx(em, rel=1e-9), pytest.approx(ev, rel=1e-9))
+        assert c["fraction"] == c["sample"] / (16 * size)
+
+
+def test_calibrate_on_per_sample_constants_and_on_a_common_map():
+    """Maps that are one value per sample: every deviation is between samples.  Maps that are one pattern for
+    every sample: every deviation is positional."""
+    g = torch.Generator().manual_seed(1)
+    const = torch.randn(32, 2, 1, 1, generator=g, dtype=torch.float64).expand(32, 2, 8, 8).contiguous()
+    row = fxbns.calibrate(_Identity(2).double(), list(const.split(16)), target_error=0.3).table[0]
+    # (S_b^2 is the rows' unbiased variance, as the finite-population formula takes it; var the batch's biased one)
+    assert row["between"] == pytest.approx(16 / 15, rel=1e-9) and row["positional"] == pytest.approx(0.0, abs=1e-9)
+    pattern = torch.randn(1, 2, 8, 8, generator=g, dtype=torch.float64).expand(32, 2, 8, 8).contiguous()
+    noisy = pattern + 1e-3 * torch.randn(32, 2, 8, 8, generator=g, dtype=torch.float64)
+    row = fxbns.calibrate(_Identity(2).double(), list(noisy.split(16)), target_error=0.3).table[0]
+    assert row["positional"] == pytest.approx(1.0, abs=1e-3) and row["between"] == pytest.approx(0.0, abs=1e-3)
+
+
+def test_calibrate_bs_prediction_on_flat_features():
+    """(N, C) features: every row is one value; the BS error is the finite-population formula with the rows'
+    unbiased variance over the batch's biased one, channel scales divided out."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(64, 5, generator=g, dtype=torch.float64) * torch.tensor([1.0, 10, 0.1, 3, 7],
+                                                                              dtype=torch.float64) + 4
+    batches = list(x.split(32))
+    model = nn.Sequential(nn.BatchNorm1d(5)).double()
+    row = fxbns.calibrate(model, batches, target_error=0.5).table[0]
+    var = torch.stack([b.var(0, unbiased=False) for b in batches]).mean(0)
+    s2 = torch.stack([b.var(0, unbiased=True) for b in batches]).mean(0)
+    dev = [(b - b.mean(0)) ** 2 for b in batches]
+    s2v = torch.stack([d.var(0, unbiased=True) for d in dev]).mean(0)
+    assert row["between"] == pytest.approx(float((s2 / var).mean()), rel=1e-12)
+    assert row["positional"] == 0.0 and row["rho1"] is None
+    for c in row["candidates"]:
+        f = 1 / c["sample"] - 1 / 32
+        assert c["mean_error"] == pytest.approx(float((s2 * f / var).mean().sqrt()), rel=1e-9)
+        assert c["var_error"] == pytest.approx(float((s2v * f / var ** 2).mean().sqrt()), rel=1e-9)
+    assert [c["sample"] for c in row["candidates"]] == [16, 8, 4, 2]  # one candidate per distinct sample
+
+
+def test_calibrate_rows_say_what_they_chose_and_why():
+    keys = {"name", "shape", "between", "positional", "rho1", "spec", "sample", "fraction", "mean_error",
+            "var_error", "n_eff", "reason", "candidates"}
+    model = _net()
+    res = fxbns.calibrate(model, _photo_batches(2, batch=16), target_error=0.3, num_batches=2)
+    for r in res.table:
+        assert set(r) == keys
+        if r["spec"] is not None:  # a chosen sample: no reason given, n_eff from its predicted errors
+            assert r["reason"] is None
+            total = r["shape"][0] * math.prod(r["shape"][2:])
+            assert r["n_eff"] == pytest.approx(1 / (r["mean_error"] ** 2 + 1 / total), rel=1e-12)
+    assert any(r["spec"] is not None for r in res.table)
+    const = fxbns.calibrate(_Identity(2), [torch.ones(4, 2, 4, 4)] * 2, target_error=0.1).table[0]
+    assert set(const) == keys and const["spec"] is None and const["sample"] is None and const["n_eff"] is None
+    assert const["reason"] == "constant input (no variance to estimate): left exact"
+
+
+def test_calibrate_candidates_are_distinct_samples():
+    for shape in [(4, 8, 6, 6), (16, 8, 32, 32), (3, 2, 5, 7), (8, 4, 1, 9)]:
+        cands = fxbns.stats._candidates(shape, 0)
+        bs = [c.rows for c in cands if c.probe is None]
+        assert len(bs) == len(set(bs)) and all(m < shape[0] for m in bs)
+        probes = [(c.probe, c.spec.per_sample) for c in cands if c.probe is not None]
+        assert len(probes) == len(set(probes))
+        assert all(c.count < math.prod(shape[:1] + shape[2:]) for c in cands)
+
+
+def test_recalibrate_stops_at_num_batches():
+    model = _net()
+    first_two = SPLITS["3x32"][:2]
+    ref = _inputs_of(model, first_two)
+    res = fxbns.recalibrate(model, iter(SPLITS["3x32"]), num_batches=2)
+    assert res.batches == 2 and res.samples == 64 and not res.ran_out and res.sites[0].count == 64 * 100
+    for name in ("1", "4"):
+        mean, var = _pooled(ref[name])
+        torch.testing.assert_close(model.get_submodule(name).running_var.double(), var, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model.get_submodule(name).running_mean.double(), mean, rtol=1e-5, atol=1e-6)
+
+
+def test_recalibrate_skips_a_site_without_running_statistics_and_goes_on():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(),
+                          nn.Conv2d(4, 5, 3), nn.BatchNorm2d(5))
+    ref = _inputs_of(model, SPLITS["3x32"])
+    res = fxbns.recalibrate(model, SPLITS["3x32"], num_batches=3)
+    assert res.skipped == {"1": "no running statistics (track_running_stats=False)"}
+    assert [s.name for s in res.sites] == ["4"]
+    mean, var = _pooled(ref["4"])
+    torch.testing.assert_close(model[4].running_var.double(), var, rtol=1e-5, atol=1e-6)
+    assert "not recalibrated: 1: no running statistics (track_running_stats=False)" in str(res)
