@@ -493,14 +493,32 @@ def _figures(batches):
     def bs(m):
         f = 1 / m - 1 / n
         return (float((out["mean"][0] * f / var).mean().sqrt()), float((out["var"][0] * f / var ** 2).mean().sqrt()))
-    return figures, bs
+
+    def grid(pts, per_sample):
+        """A grid of pts points per dim, s // p apart, at every offset below s // p: the error model of
+        calibrate's docstring (W / N plus the common map's share, its noise W / rows subtracted)."""
+        def means(f):  # (rows, C, offsets): the sample mean of every row at every offset
+            (h, w), (p, q) = f.shape[2:], pts
+            a, b = h // p, w // q
+            return torch.stack([f[:, :, i:i + a * p:a, j:j + b * q:b].mean((2, 3))
+                                for i in range(a) for j in range(b)], -1)
+        errs = []
+        for key, norm in (("mean", var), ("var", var ** 2)):
+            _, g, e, r = out[key]
+            we, wg = means(e), means(g[None])
+            w, u = we.pow(2).mean(-1).sum(0) / r, we.mean(-1).pow(2).sum(0) / r
+            gw, gu = wg.pow(2).mean(-1)[0], wg.mean(-1).pow(2)[0]
+            common = (gw / n + (1 - 1 / n) * gu - (w / n + (1 - 1 / n) * u) / r) if per_sample else gw - w / r
+            errs.append(float(((common.clamp_min(0) + w / n) / norm).mean().sqrt()))
+        return tuple(errs)
+    return figures, bs, grid
 
 
 def test_calibrate_figures_equal_their_formulas_on_structured_maps():
     batches = list(_structured(3 * 16).split(16))
     res = fxbns.calibrate(_Identity(3).double(), batches, target_error=0.3)
     row = res.table[0]
-    figures, bs = _figures(batches)
+    figures, bs, grid = _figures(batches)
     for k, v in figures.items():
         assert row[k] == pytest.approx(v, rel=1e-9), k
     assert 0.2 < row["positional"] < 0.9 and 0.05 < row["between"] < 0.9  # the structure is seen, not noise
@@ -511,6 +529,13 @@ def test_calibrate_figures_equal_their_formulas_on_structured_maps():
         em, ev = bs(c["sample"] // size)
         assert (c["mean_error"], c["var_error"]) == (pytest.approx(em, rel=1e-9), pytest.approx(ev, rel=1e-9))
         assert c["fraction"] == c["sample"] / (16 * size)
+    grids = [c for c in row["candidates"] if isinstance(c["spec"], FeatureSampling) and c["spec"].layout == "grid"]
+    assert {c["spec"].per_sample for c in grids} == {True, False}
+    for c in grids:
+        pts = c["spec"].points((6, 8))
+        em, ev = grid(pts, c["spec"].per_sample)
+        assert c["sample"] == 16 * math.prod(pts)
+        assert (c["mean_error"], c["var_error"]) == (pytest.approx(em, rel=1e-9), pytest.approx(ev, rel=1e-9)), c
 
 
 def test_calibrate_on_per_sample_constants_and_on_a_common_map():
