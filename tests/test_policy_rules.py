@@ -483,3 +483,18 @@ def test_regex_hints_name_the_closest_sites_and_at_most_five():
         Policy().set_module_name("zzzzzzzzzzzzzzzzzzzz", None).validate_names(sites, sites)
     with pytest.raises(ValueError, match=r"its BatchNorms are e\.g\. \(none\)$"):
         Policy().set_module_name_regex("x", BS).validate_names([], [])
+
+
+def test_policy_file_entries_name_every_bad_field_and_keep_a_top_level_preset():
+    with pytest.raises(ValueError, match=r"has no field 'colour', 'size'; fields: "):
+        Policy.from_dict({"default": {"preset": "bs", "size": 1, "colour": 2}})
+    p = Policy.from_dict({"preset": "micro"})
+    assert p.micro == Policy.from_preset("micro").micro and p.micro is not None and p.preset == "micro"
+
+
+def test_set_sync_keeps_the_group_it_is_given():
+    import torch.distributed as dist
+    group = dist.GroupMember.NON_GROUP_MEMBER  # what new_group gives a rank it leaves out: accepted, kept
+    p = Policy(BS).set_sync(group)
+    assert p.sync_group is group and p.sync
+    assert Policy(BS).set_sync(group, enabled=False).sync_group is None

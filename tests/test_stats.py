@@ -494,11 +494,19 @@ def _figures(batches):
         f = 1 / m - 1 / n
         return (float((out["mean"][0] * f / var).mean().sqrt()), float((out["var"][0] * f / var ** 2).mean().sqrt()))
 
-    def grid(pts, per_sample):
-        """A grid of pts points per dim, s // p apart, at every offset below s // p: the error model of
-        calibrate's docstring (W / N plus the common map's share, its noise W / rows subtracted)."""
+    def spaced(count, limit=8):  # a patch's offsets along one dim: at most 8 (64 in all), evenly from 0
+        step = math.ceil(count / limit)
+        return list(range(0, count, step))
+
+    def grid(pts, per_sample, layout="grid"):
+        """A grid of pts points per dim, s // p apart, at every offset below s // p, or a pts patch at evenly
+        spaced offsets: the error model of calibrate's docstring (W / N plus the common map's share, its noise
+        W / rows subtracted)."""
         def means(f):  # (rows, C, offsets): the sample mean of every row at every offset
             (h, w), (p, q) = f.shape[2:], pts
+            if layout == "patch":
+                return torch.stack([f[:, :, i:i + p, j:j + q].mean((2, 3))
+                                    for i in spaced(h - p + 1) for j in spaced(w - q + 1)], -1)
             a, b = h // p, w // q
             return torch.stack([f[:, :, i:i + a * p:a, j:j + b * q:b].mean((2, 3))
                                 for i in range(a) for j in range(b)], -1)
@@ -529,11 +537,12 @@ def test_calibrate_figures_equal_their_formulas_on_structured_maps():
         em, ev = bs(c["sample"] // size)
         assert (c["mean_error"], c["var_error"]) == (pytest.approx(em, rel=1e-9), pytest.approx(ev, rel=1e-9))
         assert c["fraction"] == c["sample"] / (16 * size)
-    grids = [c for c in row["candidates"] if isinstance(c["spec"], FeatureSampling) and c["spec"].layout == "grid"]
-    assert {c["spec"].per_sample for c in grids} == {True, False}
+    grids = [c for c in row["candidates"] if isinstance(c["spec"], FeatureSampling) and c["spec"].layout != "band"]
+    assert {(c["spec"].layout, c["spec"].per_sample) for c in grids} == {(a, b) for a in ("grid", "patch")
+                                                                           for b in (True, False)}
     for c in grids:
         pts = c["spec"].points((6, 8))
-        em, ev = grid(pts, c["spec"].per_sample)
+        em, ev = grid(pts, c["spec"].per_sample, c["spec"].layout)
         assert c["sample"] == 16 * math.prod(pts)
         assert (c["mean_error"], c["var_error"]) == (pytest.approx(em, rel=1e-9), pytest.approx(ev, rel=1e-9)), c
 
@@ -623,3 +632,60 @@ def test_recalibrate_skips_a_site_without_running_statistics_and_goes_on():
     mean, var = _pooled(ref["4"])
     torch.testing.assert_close(model[4].running_var.double(), var, rtol=1e-5, atol=1e-6)
     assert "not recalibrated: 1: no running statistics (track_running_stats=False)" in str(res)
+
+
+def test_the_rng_of_every_cuda_device_the_model_is_on_is_kept():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fxbns.stats import _rng_devices
+    assert _rng_devices(_net()) == []
+    with FakeTensorMode():
+        m = nn.Module()
+        m.w = nn.Parameter(torch.empty(3, device="cuda:1"))
+        m.register_buffer("b", torch.empty(3, device="cuda:0"))
+        assert _rng_devices(m) == [0, 1]
+        only_buffers = nn.Module()
+        only_buffers.register_buffer("b", torch.empty(3, device="cuda:2"))
+        assert _rng_devices(only_buffers) == [2]
+
+
+def test_a_model_that_fails_names_the_error():
+    class Fails(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("no such layer\nsecond line")
+    with pytest.raises(ValueError, match=r"^recalibrate: the model does not run on batch 0 \(shape \(2, 3\)\): "
+                                         r"RuntimeError: no such layer$"):
+        fxbns.recalibrate(Fails(), [torch.zeros(2, 3)])
+
+
+def test_recalibrate_figures_use_the_layers_eps():
+    eps = 0.5
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, eps=eps))
+    old_m, old_v = model[1].running_mean.clone().double(), model[1].running_var.clone().double()
+    res = fxbns.recalibrate(model, SPLITS["3x32"], num_batches=3)
+    e = eps
+    nm, nv = model[1].running_mean.double(), model[1].running_var.double()
+    s = res.sites[0]
+    assert s.mean_shift == pytest.approx(float(((nm - old_m) ** 2 / (nv + e)).mean().sqrt()), rel=1e-5)
+    assert s.var_change == pytest.approx(float((((nv - old_v) / (old_v + e)) ** 2).mean().sqrt()), rel=1e-5)
+
+
+def test_recalibrate_with_exactly_the_batches_asked_for_does_not_warn():
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = fxbns.recalibrate(_net(), SPLITS["3x32"], num_batches=3)
+    assert not res.ran_out and "ran out" not in str(res)
+
+
+def test_recalibrate_a_torch_batch_norm_call():
+    class Direct(_Functional):
+        def forward(self, x):
+            return torch.batch_norm(self.conv(x), self.w, self.b, self.rm, self.rv, self.training, 0.1, 1e-5, False)
+    m = Direct()
+    batches = SPLITS["3x32"]
+    res = fxbns.recalibrate(m, batches, num_batches=3)
+    mean, var = _pooled(torch.cat([m.conv(b) for b in batches]).detach())
+    assert [s.name for s in res.sites] == ["batch_norm"]
+    torch.testing.assert_close(m.rm.double(), mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(m.rv.double(), var, rtol=1e-5, atol=1e-6)
