@@ -689,3 +689,48 @@ def test_recalibrate_a_torch_batch_norm_call():
     assert [s.name for s in res.sites] == ["batch_norm"]
     torch.testing.assert_close(m.rm.double(), mean, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(m.rv.double(), var, rtol=1e-5, atol=1e-6)
+
+
+def test_calibrate_min_elements_leaves_small_sites_exact_and_marks_the_rest():
+    batches = _photo_batches(2, batch=16)
+    res = fxbns.calibrate(_net(), batches, target_error=0.3, num_batches=2, min_elements=10 ** 9)
+    assert all(r["spec"] is None and r["reason"] == "below min_elements 1000000000 (runs exact): left exact"
+               for r in res.table)
+    res = fxbns.calibrate(_net(), batches, target_error=0.3, num_batches=2, min_elements=16)
+    chosen = [r["spec"] for r in res.table if r["spec"] is not None]
+    assert chosen and all(s.min_elements == 16 for s in chosen)
+
+
+def test_calibrate_a_site_called_with_two_shapes_stays_exact():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return self.bn(x).mean() + self.bn(F.avg_pool2d(x, 2)).mean()
+    row = fxbns.calibrate(Twice(), [torch.randn(8, 3, 8, 8)] * 2, target_error=0.3).table[0]
+    assert row["spec"] is None and row["reason"] == ("called with inputs of several shapes ((8, 3, 8, 8) and "
+                                                     "(8, 3, 4, 4)) or one sample: left exact")
+
+
+def test_recalibrate_names_batchnorms_the_forward_never_called():
+    class Spare(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = _net()
+            self.unused = nn.BatchNorm2d(2)
+            self.unused_untracked = nn.BatchNorm2d(2, track_running_stats=False)
+
+        def forward(self, x):
+            return self.net(x)
+    res = fxbns.recalibrate(Spare(), SPLITS["3x32"], num_batches=3)
+    assert [s.name for s in res.sites] == ["net.1", "net.4"]
+    assert res.skipped == {"unused": "not called in the training forward",
+                           "unused_untracked": "no running statistics (track_running_stats=False)"}
+
+
+def test_no_progress_bar_unless_asked(capsys):
+    fxbns.recalibrate(_net(), SPLITS["3x32"], num_batches=3)
+    fxbns.calibrate(_net(), _photo_batches(2, batch=16), num_batches=2)
+    assert capsys.readouterr().err == ""
