@@ -558,3 +558,16 @@ def test_sample_backward_off_for_batch_sampling():
     assert torch.equal(grads[0], grads[1])
     assert not dispatch.sample_backward_applies(BatchSampling(ratio=0.5, sample_backward=True), 2048, 4096)
     assert dispatch.sample_backward_applies(FeatureSampling(area_ratio=0.5, sample_backward=True), 2048, 4096)
+
+
+def test_dense_memory_format_names_the_layout_only_of_dense_tensors():
+    from fxbns.ops.reference import dense_memory_format as fmt
+    cl, cl3, plain = torch.channels_last, torch.channels_last_3d, torch.contiguous_format
+    assert fmt(torch.randn(2, 3, 4, 5)) == plain and fmt(torch.randn(2, 3, 4, 5, 6)) == plain
+    assert fmt(torch.randn(2, 3, 4, 5).to(memory_format=cl)) == cl
+    assert fmt(torch.randn(2, 3, 4, 5, 6).to(memory_format=cl3)) == cl3
+    assert fmt(torch.randn(2, 3, 1, 1).to(memory_format=cl)) == plain  # contiguous in both: plain
+    assert fmt(torch.randn(2, 3, 8, 8)[:, :, ::2]) == plain  # not dense in any layout
+    assert fmt(torch.randn(2, 3, 8, 8, 8)[:, :, ::2]) == plain
+    assert fmt(torch.randn(2, 3, 8, 8, 8).to(memory_format=cl3)[:, :, ::2]) == plain
+    assert fmt(torch.randn(4, 3)) == plain
