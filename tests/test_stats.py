@@ -494,7 +494,7 @@ def _figures(batches):
         f = 1 / m - 1 / n
         return (float((out["mean"][0] * f / var).mean().sqrt()), float((out["var"][0] * f / var ** 2).mean().sqrt()))
 
-    def spaced(count, limit=8):  # a patch's offsets along one dim: at most 8 (64 in all), evenly from 0
+    def spaced(count, limit=8):  # offsets: at most limit (a patch: 8 per dim, 64 in all), evenly from 0
         step = math.ceil(count / limit)
         return list(range(0, count, step))
 
@@ -503,6 +503,9 @@ def _figures(batches):
         spaced offsets: the error model of calibrate's docstring (W / N plus the common map's share, its noise
         W / rows subtracted)."""
         def means(f):  # (rows, C, offsets): the sample mean of every row at every offset
+            if layout == "band":  # a run of pts values of the row-major map, at up to 64 spread starts
+                flat = f.flatten(2)
+                return torch.stack([flat[..., i:i + pts].mean(-1) for i in spaced(flat.shape[-1] - pts + 1, 64)], -1)
             (h, w), (p, q) = f.shape[2:], pts
             if layout == "patch":
                 return torch.stack([f[:, :, i:i + p, j:j + q].mean((2, 3))
@@ -544,6 +547,14 @@ def test_calibrate_figures_equal_their_formulas_on_structured_maps():
         pts = c["spec"].points((6, 8))
         em, ev = grid(pts, c["spec"].per_sample, c["spec"].layout)
         assert c["sample"] == 16 * math.prod(pts)
+        assert (c["mean_error"], c["var_error"]) == (pytest.approx(em, rel=1e-9), pytest.approx(ev, rel=1e-9)), c
+    bands = [c for c in row["candidates"] if isinstance(c["spec"], FeatureSampling) and c["spec"].layout == "band"
+             and not c["spec"].per_sample]  # one offset for the batch
+    assert len(bands) >= 3
+    for c in bands:
+        length = c["spec"].band_length((6, 8))
+        em, ev = grid(length, False, "band")
+        assert c["sample"] == 16 * length
         assert (c["mean_error"], c["var_error"]) == (pytest.approx(em, rel=1e-9), pytest.approx(ev, rel=1e-9)), c
 
 
