@@ -745,3 +745,19 @@ def test_no_progress_bar_unless_asked(capsys):
     fxbns.recalibrate(_net(), SPLITS["3x32"], num_batches=3)
     fxbns.calibrate(_net(), _photo_batches(2, batch=16), num_batches=2)
     assert capsys.readouterr().err == ""
+
+
+def test_recalibrate_keeps_the_step_counter_of_a_site_without_running_statistics():
+    """A sampled site with track_running_stats=False counts its steps in _fxbns_step, which draws its samples."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(),
+                          nn.Conv2d(4, 5, 3), nn.BatchNorm2d(5))
+    gm = fxbns.transform(model, every_layer("fs"), example_inputs=DATA[:2])
+    gm.train()
+    with torch.no_grad():
+        for i in range(2):
+            gm(DATA[i * 16:(i + 1) * 16])
+    site = gm.get_submodule("1")
+    before = site._fxbns_step.clone()
+    assert int(before) == 2
+    res = fxbns.recalibrate(gm, SPLITS["3x32"], num_batches=3)
+    assert torch.equal(site._fxbns_step, before) and "1" in res.skipped
