@@ -166,14 +166,14 @@ class _FusedSampledBatchNorm(torch.autograd.Function):
 def _static_cfg(x: torch.Tensor, xs: torch.Tensor, xd: torch.Tensor, group: Group, sample_backward: bool) -> tuple:
     """What the backward needs that depends only on the shapes and layouts (cached in a plan)."""
     c, nd = x.shape[1], x.ndim
-    return (_memory_format(x), -1.0 / group.count, (x.numel() // c) / group.count, (1, c) + (1,) * (xs.ndim - 2),
+    return (dense_memory_format(x), -1.0 / group.count, (x.numel() // c) / group.count, (1, c) + (1,) * (xs.ndim - 2),
             # gi as a (1, C, 1, ...) broadcast view (as_strided: the op the backward has just run, see backward)
             ((1, c) + (1,) * (nd - 2), (c, 1) + (1,) * (nd - 2)),
             # tiny maps (<= 2x2): aten's NCHW batch-norm backward is ~6x slower there than its channels-last
             # kernel, even counting the two layout copies
             (torch.channels_last if nd == 4 else torch.channels_last_3d)
             if nd in (4, 5) and x.numel() // (x.shape[0] * c) < 8 and x.is_contiguous() else None,
-            _memory_format(xd) if sample_backward else None)
+            dense_memory_format(xd) if sample_backward else None)
 
 
 class FusedPlan(NamedTuple):
@@ -200,9 +200,9 @@ def fused_plan(x: torch.Tensor, group: Group, sample_backward: bool) -> FusedPla
     xd = _dense_sample(xs)
     shares = xd.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
     if sample_backward:
-        copy_fmt = torch.contiguous_format if shares else _memory_format(xd)
+        copy_fmt = torch.contiguous_format if shares else dense_memory_format(xd)
     else:
-        copy_fmt = None if shares else _memory_format(xd)
+        copy_fmt = None if shares else dense_memory_format(xd)
     if copy_fmt is not None:  # the copy the op will make (its layout is what the backward reads)
         xd = xs.clone(memory_format=copy_fmt)
     return FusedPlan(xs.shape, xs.stride(), x.stride(), copy_fmt, copy_fmt is not None and _native_stats(xd),
@@ -321,11 +321,6 @@ def fused_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.T
     Returns the output only; ``stats_out``, a list, receives ``(mean, biased var)`` (detached) when given.
     """
     if not x.is_contiguous():
-        x = x.contiguous(memory_format=_memory_format(x))
+        x = x.contiguous(memory_format=dense_memory_format(x))
     return _FusedSampledBatchNorm.apply(x, weight, bias, group, eps, sample_backward, running_mean, running_var,
                                         momentum, stats_out)
-
-
-_memory_format = dense_memory_format
-
-

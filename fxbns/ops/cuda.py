@@ -57,9 +57,6 @@ def _const(value, n: int, dtype: torch.dtype, device: torch.device) -> torch.Ten
     return t
 
 
-_memory_format = dense_memory_format
-
-
 class _CudaSampledBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, group: Group, eps, sample_backward, running_mean, running_var, momentum):
@@ -77,7 +74,7 @@ class _CudaSampledBatchNorm(torch.autograd.Function):
             running_mean.lerp_(mean.to(running_mean.dtype), momentum)
             running_var.lerp_((var * (n / max(n - 1, 1))).to(running_var.dtype), momentum)
         y = torch.batch_norm_elemt(x, weight, bias, mean, invstd, eps)
-        ctx.cfg = (group, sample_backward, _memory_format(x))
+        ctx.cfg = (group, sample_backward, dense_memory_format(x))
         ctx.save_for_backward(x, weight, mean, invstd)
         return y
 
@@ -113,7 +110,7 @@ def batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
                sample_backward: bool, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
                momentum) -> torch.Tensor:
     """:func:`fxbns.ops.reference.batch_norm` for one sample group on CUDA (see the module docstring)."""
-    if not x.is_contiguous(memory_format=_memory_format(x)):
+    if not x.is_contiguous(memory_format=dense_memory_format(x)):
         x = x.contiguous()
     return _CudaSampledBatchNorm.apply(x, weight, bias, group, eps, sample_backward, running_mean, running_var,
                                        momentum)

@@ -48,9 +48,9 @@ import torch
 import torch.distributed as dist
 
 from ..sampling import Group, gather, put_
-from .cuda import _const, _memory_format
+from .cuda import _const
 from .dispatch import choose_path
-from .reference import _bshape, _normalise, _rdims, acc_dtype, update_running_stats
+from .reference import _bshape, _normalise, _rdims, acc_dtype, dense_memory_format, update_running_stats
 
 __all__ = ["synchronized_batch_norm"]
 
@@ -94,7 +94,7 @@ class _SyncSampledBatchNorm(torch.autograd.Function):
             y = torch.batch_norm_elemt(x, weight, bias, mean, invstd, eps)
         else:
             y = _normalise(x, weight, bias, mean, invstd)
-        ctx.cfg = (group, bool(sample_backward), process_group, fast, _memory_format(x))
+        ctx.cfg = (group, bool(sample_backward), process_group, fast, dense_memory_format(x))
         ctx.save_for_backward(x, weight, mean, invstd, count)
         return y
 
@@ -180,7 +180,7 @@ def synchronized_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: 
         path = "cuda" if choose_path(x, weight, 1, running_mean) == "cuda" else "reference"
     if path not in ("cuda", "reference"):
         raise ValueError(f"path must be 'cuda', 'reference' or None; got {path!r}")
-    if path == "cuda" and not x.is_contiguous(memory_format=_memory_format(x)):
+    if path == "cuda" and not x.is_contiguous(memory_format=dense_memory_format(x)):
         x = x.contiguous()
     return _SyncSampledBatchNorm.apply(x, weight, bias, group, eps, sample_backward, process_group, running_mean,
                                        running_var, momentum, path == "cuda")
