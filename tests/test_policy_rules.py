@@ -430,8 +430,9 @@ def test_preset_entries_by_name():
 def test_unknown_preset_hints_list_at_most_three_presets():
     with pytest.raises(ValueError) as e:
         Policy.from_dict({"default": {"preset": "s"}})  # close to several one- and two-letter presets
-    hint = str(e.value).split("(did you mean ")[1].split("?)")[0] if "did you mean" in str(e.value) else ""
-    assert len(hint.split(", ")) <= 3
+    assert "(did you mean " in str(e.value)
+    hint = str(e.value).split("(did you mean ")[1].split("?)")[0]
+    assert 1 <= len(hint.split(", ")) <= 3
     with pytest.raises(ValueError, match=r"unknown preset 'vdm' \(did you mean vdn\?\); presets: "):
         Policy.from_dict({"default": {"preset": "vdm"}})  # matched against the preset names only
 

@@ -498,10 +498,10 @@ def _figures(batches):
         step = math.ceil(count / limit)
         return list(range(0, count, step))
 
-    def grid(pts, per_sample, layout="grid"):
-        """A grid of pts points per dim, s // p apart, at every offset below s // p, or a pts patch at evenly
-        spaced offsets: the error model of calibrate's docstring (W / N plus the common map's share, its noise
-        W / rows subtracted)."""
+    def fs(pts, per_sample, layout):
+        """An FS sample's errors: a grid of pts points per dim, s // p apart, at every offset below s // p; a pts
+        patch, or a band of pts values, at evenly spaced offsets.  The error model of calibrate's docstring
+        (W / N plus the common map's share, its noise W / rows subtracted)."""
         def means(f):  # (rows, C, offsets): the sample mean of every row at every offset
             if layout == "band":  # a run of pts values of the row-major map, at up to 64 spread starts
                 flat = f.flatten(2)
@@ -522,14 +522,14 @@ def _figures(batches):
             common = (gw / n + (1 - 1 / n) * gu - (w / n + (1 - 1 / n) * u) / r) if per_sample else gw - w / r
             errs.append(float(((common.clamp_min(0) + w / n) / norm).mean().sqrt()))
         return tuple(errs)
-    return figures, bs, grid
+    return figures, bs, fs
 
 
 def test_calibrate_figures_equal_their_formulas_on_structured_maps():
     batches = list(_structured(3 * 16).split(16))
     res = fxbns.calibrate(_Identity(3).double(), batches, target_error=0.3)
     row = res.table[0]
-    figures, bs, grid = _figures(batches)
+    figures, bs, fs = _figures(batches)
     for k, v in figures.items():
         assert row[k] == pytest.approx(v, rel=1e-9), k
     assert 0.2 < row["positional"] < 0.9 and 0.05 < row["between"] < 0.9  # the structure is seen, not noise
@@ -540,12 +540,12 @@ def test_calibrate_figures_equal_their_formulas_on_structured_maps():
         em, ev = bs(c["sample"] // size)
         assert (c["mean_error"], c["var_error"]) == (pytest.approx(em, rel=1e-9), pytest.approx(ev, rel=1e-9))
         assert c["fraction"] == c["sample"] / (16 * size)
-    grids = [c for c in row["candidates"] if isinstance(c["spec"], FeatureSampling) and c["spec"].layout != "band"]
-    assert {(c["spec"].layout, c["spec"].per_sample) for c in grids} == {(a, b) for a in ("grid", "patch")
-                                                                           for b in (True, False)}
-    for c in grids:
+    windows = [c for c in row["candidates"] if isinstance(c["spec"], FeatureSampling) and c["spec"].layout != "band"]
+    assert {(c["spec"].layout, c["spec"].per_sample) for c in windows} == {(a, b) for a in ("grid", "patch")
+                                                                             for b in (True, False)}
+    for c in windows:
         pts = c["spec"].points((6, 8))
-        em, ev = grid(pts, c["spec"].per_sample, c["spec"].layout)
+        em, ev = fs(pts, c["spec"].per_sample, c["spec"].layout)
         assert c["sample"] == 16 * math.prod(pts)
         assert (c["mean_error"], c["var_error"]) == (pytest.approx(em, rel=1e-9), pytest.approx(ev, rel=1e-9)), c
     bands = [c for c in row["candidates"] if isinstance(c["spec"], FeatureSampling) and c["spec"].layout == "band"
@@ -553,7 +553,7 @@ def test_calibrate_figures_equal_their_formulas_on_structured_maps():
     assert len(bands) >= 3
     for c in bands:
         length = c["spec"].band_length((6, 8))
-        em, ev = grid(length, False, "band")
+        em, ev = fs(length, False, "band")
         assert c["sample"] == 16 * length
         assert (c["mean_error"], c["var_error"]) == (pytest.approx(em, rel=1e-9), pytest.approx(ev, rel=1e-9)), c
 
