@@ -5,8 +5,8 @@
   reason is recorded.  If the root's own code cannot be traced, :func:`trace` returns ``None`` and the
   caller falls back to swapping modules in place.
 - Code that reads ``self.training`` during tracing (functional dropout, stochastic depth) gets baked
-  into a graph, so the model is traced in train *and* eval mode; if the graphs differ, a
-  :class:`DualGraphModule` switches between them on ``.train()`` / ``.eval()``.
+  into a graph, so the model is traced in train *and* eval mode; :attr:`TraceResult.eval_graph` holds the
+  eval-mode graph where the two differ.
 
 >>> import torch
 >>> t = trace(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)))
@@ -16,15 +16,13 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-import torch
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["trace", "TraceResult", "DualGraphModule"]
+__all__ = ["trace", "TraceResult"]
 
 
 class _Tracer(fx.Tracer):
@@ -100,75 +98,3 @@ def trace(model: nn.Module, leaf_modules: Iterable[str] = (), concrete_args=None
             m.training = t
     same = g_train.python_code("self").src == g_eval.python_code("self").src
     return TraceResult(g_train, None if same else g_eval, opaque)
-
-
-class DualGraphModule(fx.GraphModule):
-    """A GraphModule with one graph for training and one for eval, switched by ``.train()``.
-
-    With ``eval_graph=None`` both modes share one graph.  Unlike a plain GraphModule, a deep copy
-    keeps both graphs and the fxbns metadata (``_fxbns``).
-    """
-
-    def __init__(self, root: nn.Module, train_graph: fx.Graph, eval_graph: fx.Graph | None, class_name: str) -> None:
-        super().__init__(root, train_graph, class_name)
-        if eval_graph is None:
-            eval_graph = train_graph
-        for node in eval_graph.nodes:
-            if node.op in ("call_module", "get_attr") and not _has_path(self, node.target):
-                _copy_path(root, self, node.target)
-        # tensor constants the tracer lifted out of the code are not state: keep state_dict keys as the original's
-        for mod in self.modules():
-            for name in mod._buffers:
-                if name.startswith("_tensor_constant"):
-                    mod._non_persistent_buffers_set.add(name)
-        self._fxbns_graphs = {True: train_graph, False: eval_graph}
-        # state_dict metadata carries the root's _version (MNASNet, for one, converts old layouts on load)
-        type(self)._version = getattr(type(root), "_version", 1)
-        self.train(root.training)
-
-    def train(self, mode: bool = True):
-        graphs = self.__dict__.get("_fxbns_graphs")
-        if graphs is not None and self.graph is not graphs[mode]:
-            self.graph = graphs[mode]
-            self.recompile()
-        return super().train(mode)
-
-    def graphs(self) -> dict[bool, fx.Graph]:
-        """``{True: training graph, False: eval graph}`` (the same object when they do not differ)."""
-        return self._fxbns_graphs
-
-    def __deepcopy__(self, memo):
-        res = super().__deepcopy__(memo)
-        type(res)._version = type(self)._version
-        for key in ("_fxbns_graphs", "_fxbns"):
-            if key in self.__dict__:
-                res.__dict__[key] = copy.deepcopy(self.__dict__[key], memo)
-        return res
-
-
-def _has_path(m: nn.Module, target: str) -> bool:
-    obj = m
-    for p in target.split("."):
-        if not hasattr(obj, p):
-            return False
-        obj = getattr(obj, p)
-    return True
-
-
-def _copy_path(src: nn.Module, dst: nn.Module, target: str) -> None:
-    *prefix, last = target.split(".")
-    s, d = src, dst
-    for p in prefix:
-        s = getattr(s, p)
-        if not hasattr(d, p):
-            setattr(d, p, nn.Module())
-        d = getattr(d, p)
-    v = getattr(s, last)
-    if isinstance(v, nn.Module):
-        d.add_module(last, v)
-    elif isinstance(v, nn.Parameter):
-        d.register_parameter(last, v)
-    elif isinstance(v, torch.Tensor):
-        d.register_buffer(last, v)
-    else:
-        setattr(d, last, v)

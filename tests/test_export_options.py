@@ -1,5 +1,8 @@
 """export_onnx's options and its TorchScript fallback, each checked in onnxruntime against the original model."""
 
+import dataclasses
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -80,6 +83,10 @@ def test_dynamo_exporter_needs_no_fallback(tmp_path):
     m = _conv_bn()
     r = fxbns.export_onnx(m, torch.randn(2, 3, 8, 8), tmp_path / "m.onnx")
     assert r.exporter == "dynamo" and r.fallback_reason is None and r.bn_folded == 1
+    d = r.to_dict()  # a JSON-ready dict of every field, with the values above
+    assert json.loads(json.dumps(d)) == d
+    assert set(d) == {f.name for f in dataclasses.fields(fxbns.ExportResult)}
+    assert d["path"] == r.path and d["bn_folded"] == 1 and d["checked_batches"] == r.checked_batches
 
 
 def test_fixed_batch(tmp_path):

@@ -153,3 +153,26 @@ def test_report_says_where_sample_backward_is_off():
     assert "sample_backward off here: BS's whole samples" in notes["bs"]
     assert "sample_backward off here" in notes["fs16"] and "under 0.25 of the layer" in notes["fs16"]
     assert "sample_backward off" not in notes["fs4"]
+
+
+def test_printed_model_names_each_sites_estimator():
+    """``print(model)`` shows what each rewritten layer estimates with, the micro-batch fallback included, for module
+    sites (SampledBatchNorm) and functional ones (FunctionalBatchNorm)."""
+    m = fxbns.transform(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), Policy.from_preset("micro"))
+    text = repr(m)
+    spec = m[1].estimator.describe()
+    assert "SampledBatchNorm(4, eps=1e-05, momentum=0.1, affine=True" in text
+    assert f"estimator={spec}, micro(<= 4: {m[1].micro.estimator.describe()})" in text
+    assert spec.startswith("fs(band") and "vdn(n=4" in text
+
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("rm", torch.zeros(4))
+            self.register_buffer("rv", torch.ones(4))
+
+        def forward(self, x):
+            return torch.nn.functional.batch_norm(x, self.rm, self.rv, training=self.training)
+
+    f = fxbns.transform(Functional(), Policy(BatchSampling(ratio=0.5)))
+    assert "FunctionalBatchNorm(estimator=bs(" in repr(f)

@@ -75,13 +75,11 @@ def fold(model: nn.Module) -> FoldResult:
         raise ValueError("fold() is for inference: it bakes the running statistics into the conv weights, "
                          "which is only equivalent in eval mode. Call model.eval() first.")
     from ..api import revert
-    from ..tracing import DualGraphModule, trace
+    from ..tracing import trace
 
     if getattr(model, "_fxbns", None) is not None:
         model = revert(model)
-    if isinstance(model, DualGraphModule):
-        root, graph = model, copy.deepcopy(model.graphs()[False])
-    elif isinstance(model, fx.GraphModule):
+    if isinstance(model, fx.GraphModule):
         root, graph = model, copy.deepcopy(model.graph)
     else:
         t = trace(model)
