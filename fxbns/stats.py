@@ -35,7 +35,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
 from .estimators import BatchSampling, Exact, FeatureSampling, VirtualDataset, layer_size, spec_to_dict
-from .modules import FunctionalBatchNorm
+from .modules import FunctionalBatchNorm, SampledBatchNorm
 from .passes.virtual import VirtualBatch
 from .policy import Policy
 from .sampling import band_plan
@@ -58,6 +58,16 @@ class _SiteRef:
     module: nn.Module | None = None
 
 
+@dataclass
+class _Frame:
+    """A plain BatchNorm module's forward in progress: its site, input, and whether its statistics were taken."""
+
+    site: _SiteRef
+    module: nn.Module
+    input: Any
+    done: bool
+
+
 _F_BN_SIG = inspect.signature(F.batch_norm)
 _TORCH_BN_ARGS = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps",
                   "cudnn_enabled")
@@ -67,9 +77,15 @@ class _Capture(TorchFunctionMode):
     """Calls ``consume(site, x_real)`` for every BatchNorm site call of a forward, with the virtual rows of a
     VDN / micro-batch model cut off (``x_real`` is the first ``n_real`` rows).
 
-    Module sites are seen through forward pre-hooks; ``F.batch_norm`` / ``torch.batch_norm`` calls made outside
-    any BatchNorm module (plain functional code, functional sites left exact by a policy) through this torch
-    function mode, which also sets their momentum to 0 so that they leave their running statistics alone.
+    fxbns' modules (sampled modules and ``F.batch_norm`` stand-ins) are seen through forward pre-hooks, with the
+    real-row count they are called with.  Every ``F.batch_norm`` / ``torch.batch_norm`` call outside them goes
+    through this torch function mode, which also sets its momentum to 0 so that it leaves its running
+    statistics alone.  Inside the forward of a plain ``nn.BatchNorm*`` module, the call with that module's
+    running statistics is the module's site, with the input the call normalises: a BatchNorm subclass that
+    normalises part of its input itself and passes the rest to child BatchNorms (timm's ``SplitBatchNorm2d``)
+    gives each site its own rows.  A plain module whose forward makes no such call (a synchronized
+    ``SyncBatchNorm``, a subclass with its own arithmetic) is counted with its whole input.  Calls outside any
+    BatchNorm module are functional sites.
     """
 
     def __init__(self, model: nn.Module, consume: Callable[[_SiteRef, torch.Tensor], None],
@@ -78,7 +94,8 @@ class _Capture(TorchFunctionMode):
         self.model = model
         self._consume = consume
         self._consume_virtual = consume_virtual  # (site, fxbns module, real rows, virtual rows): VDN sites
-        self.depth = 0  # > 0 inside a BatchNorm module's forward (its own batch_norm call is not a new site)
+        self.depth = 0  # > 0 inside an fxbns module's forward (its own batch_norm calls are not new sites)
+        self.frames: list[_Frame] = []  # the plain BatchNorm modules whose forward is running, innermost last
         self.virtual = [m for m in model.modules() if isinstance(m, VirtualBatch)]
         self.names = {id(t): n for n, t in itertools.chain(model.named_buffers(remove_duplicate=False),
                                                            model.named_parameters(remove_duplicate=False))}
@@ -87,10 +104,14 @@ class _Capture(TorchFunctionMode):
         self.snapshots: list[tuple[torch.Tensor, torch.Tensor]] = []  # functional running stats at first sight
         self.handles = []
         for name, m in model.named_modules():
-            if isinstance(m, _BatchNorm):
+            if isinstance(m, SampledBatchNorm):
                 site = _SiteRef(name, "module", m.running_mean, m.running_var, m)
                 self.handles.append(m.register_forward_pre_hook(self._module_pre(site), with_kwargs=True))
                 self.handles.append(m.register_forward_hook(self._post))
+            elif isinstance(m, _BatchNorm):
+                site = _SiteRef(name, "module", m.running_mean, m.running_var, m)
+                self.handles.append(m.register_forward_pre_hook(self._plain_pre(site), with_kwargs=True))
+                self.handles.append(m.register_forward_hook(self._plain_post))
             elif isinstance(m, FunctionalBatchNorm):
                 self.handles.append(m.register_forward_pre_hook(self._standin_pre(m), with_kwargs=True))
                 self.handles.append(m.register_forward_hook(self._post))
@@ -145,6 +166,26 @@ class _Capture(TorchFunctionMode):
     def _post(self, mod, args, out):
         self.depth -= 1
 
+    def _plain_pre(self, site: _SiteRef):
+        def pre(mod, args, kwargs):
+            x = args[0] if args else kwargs.get("input")
+            skip = self.depth > 0 or not mod.training or not isinstance(x, torch.Tensor)
+            self.frames.append(_Frame(site, mod, x, done=skip))
+        return pre
+
+    def _frame_of(self, rm: torch.Tensor | None) -> _Frame | None:
+        """The running plain BatchNorm module a batch_norm call with running mean ``rm`` normalises for: the one
+        that owns ``rm``, or (``rm`` None) the innermost one, if it has no running statistics and no call yet."""
+        if rm is None:
+            f = self.frames[-1] if self.frames else None
+            return f if f is not None and not f.done and f.site.running_mean is None else None
+        return next((f for f in reversed(self.frames) if f.site.running_mean is rm), None)
+
+    def _plain_post(self, mod, args, out):
+        f = self.frames.pop()
+        if not f.done:  # its forward made no batch_norm call with its statistics: count its whole input
+            self.consume_rows(f.site, mod, f.input, self._n_real(mod, f.input, None))
+
     # -- functional sites ------------------------------------------------------------------------------------
     def _functional_site(self, rm: torch.Tensor | None, rv: torch.Tensor | None, key_obj: Any) -> _SiteRef:
         key = id(rm) if rm is not None else id(key_obj)
@@ -175,8 +216,15 @@ class _Capture(TorchFunctionMode):
                 a.update(kwargs)
             if self.depth == 0 and a.get("training"):
                 x, rm, rv = a["input"], a.get("running_mean"), a.get("running_var")
-                site = self._functional_site(rm, rv, func)
-                self.consume(site, x[:self._n_real(None, x, None)])
+                frame = self._frame_of(rm)
+                if frame is not None:
+                    frame.done = True
+                    self.consume(frame.site, x[:self._n_real(frame.module, x, None)])
+                elif self.frames:
+                    return func(*args, **kwargs)  # a plain module's own arithmetic on other tensors
+                else:
+                    site = self._functional_site(rm, rv, func)
+                    self.consume(site, x[:self._n_real(None, x, None)])
                 if rm is not None:  # keep the running statistics as they are during the pass
                     a["momentum"] = 0.0
                     if func is F.batch_norm:

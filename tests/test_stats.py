@@ -761,3 +761,72 @@ def test_recalibrate_keeps_the_step_counter_of_a_site_without_running_statistics
     assert int(before) == 2
     res = fxbns.recalibrate(gm, SPLITS["3x32"], num_batches=3)
     assert torch.equal(site._fxbns_step, before) and "1" in res.skipped
+
+
+class _SplitBN(nn.BatchNorm2d):
+    """A BatchNorm that normalises the first half of the batch itself and passes the second half to a child
+    BatchNorm (the AdvProp auxiliary-BN pattern, as timm's SplitBatchNorm2d)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__(c)
+        self.aux = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        h = x.shape[0] // 2
+        return torch.cat([super().forward(x[:h]), self.aux(x[h:])])
+
+
+class _OwnArithmetic(nn.BatchNorm2d):
+    """A BatchNorm subclass that normalises with its own arithmetic and never calls F.batch_norm."""
+
+    def forward(self, x):
+        m, v = x.mean((0, 2, 3), keepdim=True), x.var((0, 2, 3), unbiased=False, keepdim=True)
+        return (x - m) / (v + self.eps).sqrt()
+
+
+def _shifted_batches():
+    g = torch.Generator().manual_seed(3)
+    return [torch.randn(8, 3, 9, 9, generator=g) + torch.arange(8.0).view(8, 1, 1, 1) for _ in range(3)]
+
+
+def test_recalibrate_gives_each_nested_batchnorm_its_own_rows():
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), _SplitBN(4))
+    batches = _shifted_batches()
+    r = fxbns.recalibrate(m, batches, num_batches=3)
+    with torch.no_grad():
+        feats = [m[0](b) for b in batches]
+    for bn, rows in ((m[1], slice(0, 4)), (m[1].aux, slice(4, 8))):
+        mean, var = _pooled(torch.cat([f[rows] for f in feats]))
+        torch.testing.assert_close(bn.running_mean.double(), mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(bn.running_var.double(), var, rtol=1e-5, atol=1e-6)
+    assert {s.name: s.count for s in r.sites} == {"1": 3 * 4 * 49, "1.aux": 3 * 4 * 49} and not r.skipped
+
+
+def test_calibrate_measures_nested_batchnorms_on_their_own_rows():
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), _SplitBN(4))
+    table = {r["name"]: r for r in fxbns.calibrate(m, _shifted_batches()).table}
+    assert set(table) == {"1", "1.aux"}
+    assert all(r["shape"] == [4, 4, 7, 7] for r in table.values())  # half of each batch of 8
+
+
+def test_timm_split_batchnorm_recalibrated_per_split():
+    timm_layers = pytest.importorskip("timm.layers")
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), timm_layers.SplitBatchNorm2d(4, num_splits=2))
+    batches = _shifted_batches()
+    fxbns.recalibrate(m, batches, num_batches=3)
+    with torch.no_grad():
+        feats = [m[0](b) for b in batches]
+    for bn, rows in ((m[1], slice(0, 4)), (m[1].aux_bn[0], slice(4, 8))):
+        torch.testing.assert_close(bn.running_mean.double(), _pooled(torch.cat([f[rows] for f in feats]))[0],
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_batchnorm_with_its_own_arithmetic_counts_its_whole_input():
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), _OwnArithmetic(4))
+    batches = _shifted_batches()
+    r = fxbns.recalibrate(m, batches, num_batches=3)
+    with torch.no_grad():
+        mean, var = _pooled(torch.cat([m[0](b) for b in batches]))
+    torch.testing.assert_close(m[1].running_mean.double(), mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(m[1].running_var.double(), var, rtol=1e-5, atol=1e-6)
+    assert [s.count for s in r.sites] == [3 * 8 * 49]
