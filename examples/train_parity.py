@@ -47,6 +47,11 @@ POLICIES = {
     "fs4": lambda: Policy(FeatureSampling(area_ratio=1 / 4, layout="band", per_sample=True)),
     "fs4-sb": lambda: Policy(FeatureSampling(area_ratio=1 / 4, layout="band", per_sample=True,
                                              sample_backward=True)),
+    # a stride-2 grid (1/4 of the map, per-sample offsets), without and with sample_backward: its values are
+    # spaced out, where a band's are neighbours
+    "fs4-grid": lambda: Policy(FeatureSampling(area_ratio=1 / 4, layout="grid", per_sample=True)),
+    "fs4-grid-sb": lambda: Policy(FeatureSampling(area_ratio=1 / 4, layout="grid", per_sample=True,
+                                                  sample_backward=True)),
     "vdn": lambda: "vdn",
     "calibrated": None,  # fxbns.calibrate on the model at initialisation, default target_error (see _policy)
     "calibrated-0.05": None,  # the same at target_error=0.05

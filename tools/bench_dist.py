@@ -209,15 +209,25 @@ def main(argv: list[str] | None = None) -> int:
         for cfg in args.configs:
             c = counts[cfg]
             ms = 1e3 * statistics.median(times[cfg])
-            rows.append({"batch": b, "config": cfg, "collectives": sum(c["calls"].values()), "calls": c["calls"],
-                         "bytes_sent": sum(c["bytes_sent"].values()), "ms_per_step": ms,
-                         "vs_bn": ms / (1e3 * base) if base else None})
-    print(f"\n{'batch':>5} {'config':12s} {'collectives':>11} {'bytes sent':>10} {'ms/step':>8} {'x bn':>6}"
-          + ("   (smoke: times are not a measurement)" if args.smoke else ""))
+            row = {"batch": b, "config": cfg, "collectives": sum(c["calls"].values()), "calls": c["calls"],
+                   "bytes_sent": sum(c["bytes_sent"].values()), "ms_per_step": ms,
+                   "ms_range": [1e3 * min(times[cfg]), 1e3 * max(times[cfg])],
+                   "vs_bn": ms / (1e3 * base) if base else None}
+            if "sync_exact" in times:  # the round-by-round ratio to exact sync (rounds interleave the configs)
+                ratios = [t / e for t, e in zip(times[cfg], times["sync_exact"])]
+                row["vs_sync_exact"] = statistics.median(ratios)
+                row["vs_sync_exact_range"] = [min(ratios), max(ratios)]
+            rows.append(row)
+    print(f"\n{'batch':>5} {'config':12s} {'collectives':>11} {'bytes sent':>10} {'ms/step':>8} {'x bn':>6} "
+          f"{'x sync_exact [range]':>22}" + ("   (smoke: times are not a measurement)" if args.smoke else ""))
     for r in rows:
         vs = f"{r['vs_bn']:.3f}" if r["vs_bn"] else "-"
+        ve = "-"
+        if "vs_sync_exact" in r:
+            lo, hi = r["vs_sync_exact_range"]
+            ve = f"{r['vs_sync_exact']:.3f} [{lo:.2f}-{hi:.2f}]"
         print(f"{r['batch']:5d} {r['config']:12s} {r['collectives']:11d} {r['bytes_sent']:10d} "
-              f"{r['ms_per_step']:8.2f} {vs:>6}  {r['calls']}")
+              f"{r['ms_per_step']:8.2f} {vs:>6} {ve:>22}  {r['calls']}")
     record = {"mode": "dist", "smoke": args.smoke, "world": args.world, "backend": "gloo", "size": args.size,
               "steps": args.steps, "pairs": args.pairs, "threads_per_rank": args.threads,
               "bn_layers": n_layers, "bn_channels": sum_c, "syncbatchnorm": sbn, "rows": rows,

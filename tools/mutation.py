@@ -101,9 +101,28 @@ def cmd_summary(args) -> None:
     for r in [cols, ["-" * w for w in widths], *rows]:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
     if args.record:
+        record.update(_provenance(args.argv))
         Path(args.record).parent.mkdir(parents=True, exist_ok=True)
         Path(args.record).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
         print(f"wrote {args.record}", file=sys.stderr)
+
+
+def _provenance(argv: list[str]) -> dict:
+    """The command, date, machine and versions a record was made with."""
+    import os
+    import platform
+    import time
+    from importlib import metadata
+
+    def version(pkg: str) -> str | None:
+        try:
+            return metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {"command": " ".join(["python", "tools/mutation.py", *argv]), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "mutmut": version("mutmut"), "torch": version("torch"), "python": platform.python_version(),
+            "cores": os.cpu_count()}
 
 
 def main(argv=None) -> None:
@@ -119,6 +138,7 @@ def main(argv=None) -> None:
     m.add_argument("--record", help="write the figures and survivors as JSON here")
     m.set_defaults(fn=cmd_summary)
     args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     args.fn(args)
 
 
