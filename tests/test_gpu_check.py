@@ -22,3 +22,14 @@ def test_gpu_check_smoke(tmp_path):
     assert r["tests"]["returncode"] == 0 and r["layers"] and all(row["correct"] for row in r["layers"])
     assert any(row.get("runs") == "sampled" for row in r["layers"])
     assert r["steps"] and r["steps"][0]["sampled_sites"] > 0 and r["steps"][0]["speedup"] > 0
+    # every layer group and the step get a target row; a missed one carries a profile of the fxbns side
+    targets = r["targets"]
+    groups = {(row["estimator"], row["sample_backward"], row["dtype"], row["layout"]) for row in r["layers"]}
+    assert len([t for t in targets if t["target"].startswith("layer")]) == len(groups)
+    assert [t["target"] for t in targets].count("resnet50 step") == len(r["steps"])
+    for t in targets:
+        assert t["met"] == (t["speedup"] >= t["threshold"])
+        if not t["met"]:
+            assert t["profile"] and all(p["calls"] > 0 for p in t["profile"])
+    assert all(t["profile_native"] for t in targets if t["target"] == "resnet50 step" and not t["met"])
+    assert all("_steps" not in row for row in r["steps"])
