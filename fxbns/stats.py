@@ -63,7 +63,6 @@ class _Frame:
     """A plain BatchNorm module's forward in progress: its site, input, and whether its statistics were taken."""
 
     site: _SiteRef
-    module: nn.Module
     input: Any
     done: bool
 
@@ -170,7 +169,7 @@ class _Capture(TorchFunctionMode):
         def pre(mod, args, kwargs):
             x = args[0] if args else kwargs.get("input")
             skip = self.depth > 0 or not mod.training or not isinstance(x, torch.Tensor)
-            self.frames.append(_Frame(site, mod, x, done=skip))
+            self.frames.append(_Frame(site, x, done=skip))
         return pre
 
     def _frame_of(self, rm: torch.Tensor | None) -> _Frame | None:
@@ -184,7 +183,7 @@ class _Capture(TorchFunctionMode):
     def _plain_post(self, mod, args, out):
         f = self.frames.pop()
         if not f.done:  # its forward made no batch_norm call with its statistics: count its whole input
-            self.consume_rows(f.site, mod, f.input, self._n_real(mod, f.input, None))
+            self.consume_rows(f.site, mod, f.input, self._n_real(None, f.input, None))
 
     # -- functional sites ------------------------------------------------------------------------------------
     def _functional_site(self, rm: torch.Tensor | None, rv: torch.Tensor | None, key_obj: Any) -> _SiteRef:
@@ -219,7 +218,7 @@ class _Capture(TorchFunctionMode):
                 frame = self._frame_of(rm)
                 if frame is not None:
                     frame.done = True
-                    self.consume(frame.site, x[:self._n_real(frame.module, x, None)])
+                    self.consume(frame.site, x[:self._n_real(None, x, None)])
                 elif self.frames:
                     return func(*args, **kwargs)  # a plain module's own arithmetic on other tensors
                 else:

@@ -779,9 +779,9 @@ class _SplitBN(nn.BatchNorm2d):
 class _OwnArithmetic(nn.BatchNorm2d):
     """A BatchNorm subclass that normalises with its own arithmetic and never calls F.batch_norm."""
 
-    def forward(self, x):
-        m, v = x.mean((0, 2, 3), keepdim=True), x.var((0, 2, 3), unbiased=False, keepdim=True)
-        return (x - m) / (v + self.eps).sqrt()
+    def forward(self, input):
+        m, v = input.mean((0, 2, 3), keepdim=True), input.var((0, 2, 3), unbiased=False, keepdim=True)
+        return (input - m) / (v + self.eps).sqrt()
 
 
 def _shifted_batches():
@@ -830,3 +830,69 @@ def test_batchnorm_with_its_own_arithmetic_counts_its_whole_input():
     torch.testing.assert_close(m[1].running_mean.double(), mean, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(m[1].running_var.double(), var, rtol=1e-5, atol=1e-6)
     assert [s.count for s in r.sites] == [3 * 8 * 49]
+
+
+class _SplitBNNoStats(nn.BatchNorm2d):
+    """_SplitBN without running statistics: its batch_norm calls pass None, so only the call's place says whose
+    it is."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__(c, track_running_stats=False)
+        self.aux = nn.BatchNorm2d(c, track_running_stats=False)
+
+    def forward(self, x):
+        h = x.shape[0] // 2
+        return torch.cat([super().forward(x[:h]), self.aux(x[h:])])
+
+
+def test_calibrate_places_calls_without_running_statistics_by_module():
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), _SplitBNNoStats(4))
+    table = {r["name"]: r for r in fxbns.calibrate(m, _shifted_batches()).table}
+    assert set(table) == {"1", "1.aux"} and all(r["shape"] == [4, 4, 7, 7] for r in table.values())
+    r = fxbns.recalibrate(m, _shifted_batches(), num_batches=3)
+    assert not r.sites and set(r.skipped) == {"1", "1.aux"}
+    assert all("no running statistics" in why for why in r.skipped.values())
+
+
+class _KeywordCall(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = _OwnArithmetic(4)
+
+    def forward(self, x):
+        return self.bn(input=self.conv(x))
+
+
+def test_batchnorm_called_with_a_keyword_input_is_counted():
+    m = _KeywordCall()
+    r = fxbns.recalibrate(m, _shifted_batches(), num_batches=3)
+    assert [(s.name, s.count) for s in r.sites] == [("bn", 3 * 8 * 49)]
+
+
+class _FrozenBN(nn.Module):
+    """A backbone whose train() keeps its BatchNorms in eval mode (frozen statistics, as detection backbones do)."""
+
+    def __init__(self, bn: type[nn.Module] = nn.BatchNorm2d) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = bn(4)
+        self.head = nn.BatchNorm2d(4)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.bn.eval()
+        return self
+
+    def forward(self, x):
+        return self.head(self.bn(self.conv(x)))
+
+
+@pytest.mark.parametrize("bn", [nn.BatchNorm2d, _OwnArithmetic], ids=["batch_norm-call", "own-arithmetic"])
+def test_batchnorm_kept_in_eval_by_the_model_is_left_alone(bn):
+    m = _FrozenBN(bn)
+    before = m.bn.running_mean.clone(), m.bn.running_var.clone()
+    r = fxbns.recalibrate(m, _shifted_batches(), num_batches=3)
+    assert [s.name for s in r.sites] == ["head"] and "bn" in r.skipped
+    assert torch.equal(m.bn.running_mean, before[0]) and torch.equal(m.bn.running_var, before[1])
+    assert [row["name"] for row in fxbns.calibrate(m, _shifted_batches()).table] == ["head"]
