@@ -174,10 +174,11 @@ class _Capture(TorchFunctionMode):
 
     def _frame_of(self, rm: torch.Tensor | None) -> _Frame | None:
         """The running plain BatchNorm module a batch_norm call with running mean ``rm`` normalises for: the one
-        that owns ``rm``, or (``rm`` None) the innermost one, if it has no running statistics and no call yet."""
+        that owns ``rm``, or (``rm`` None) the innermost one, if it has no running statistics either.  A module may
+        make several such calls (ghost batch norm: one per slice of its batch); each counts."""
         if rm is None:
             f = self.frames[-1] if self.frames else None
-            return f if f is not None and not f.done and f.site.running_mean is None else None
+            return f if f is not None and f.site.running_mean is None else None
         return next((f for f in reversed(self.frames) if f.site.running_mean is rm), None)
 
     def _plain_post(self, mod, args, out):

@@ -896,3 +896,41 @@ def test_batchnorm_kept_in_eval_by_the_model_is_left_alone(bn):
     assert [s.name for s in r.sites] == ["head"] and "bn" in r.skipped
     assert torch.equal(m.bn.running_mean, before[0]) and torch.equal(m.bn.running_var, before[1])
     assert [row["name"] for row in fxbns.calibrate(m, _shifted_batches()).table] == ["head"]
+
+
+class _GhostBN(nn.BatchNorm2d):
+    """Ghost batch norm: the module normalises each half of its batch on its own, one batch_norm call per half."""
+
+    def forward(self, x):
+        h = x.shape[0] // 2
+        return torch.cat([super().forward(x[:h]), super().forward(x[h:])])
+
+
+@pytest.mark.parametrize("stats", [True, False], ids=["running-stats", "no-running-stats"])
+def test_ghost_batchnorm_counts_every_slice(stats):
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), _GhostBN(4, track_running_stats=stats))
+    batches = _shifted_batches()
+    (row,) = fxbns.calibrate(m, batches).table
+    assert row["name"] == "1" and row["shape"] == [4, 4, 7, 7]  # the slices, as the module normalises them
+    r = fxbns.recalibrate(m, batches, num_batches=3)
+    if stats:
+        mean, var = _pooled(torch.cat([m[0](b) for b in batches]).detach())
+        assert [s.count for s in r.sites] == [3 * 8 * 49]
+        torch.testing.assert_close(m[1].running_mean.double(), mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(m[1].running_var.double(), var, rtol=1e-5, atol=1e-6)
+    else:
+        assert not r.sites and "no running statistics" in r.skipped["1"]
+
+
+class _NoStatsFunctional(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return F.batch_norm(self.conv(x), None, None, training=True)
+
+
+def test_functional_call_without_running_statistics_is_a_site():
+    (row,) = fxbns.calibrate(_NoStatsFunctional(), _shifted_batches()).table
+    assert row["name"] == "batch_norm" and row["shape"] == [8, 4, 7, 7]
