@@ -100,11 +100,13 @@ def main() -> int:
             "digits / small-mobilenet (1 epoch)": lambda: _digits(SmallMobileNet, 64)}
     points = []
     summary = {}
+    features = {}  # per set, calibrate's measured correlation per site
     t0 = time.time()
     for sname, make in sets.items():
         model, cal_batches, held = make()
         res = fxbns.calibrate(model, cal_batches, target_error=0.05)
         inputs = site_inputs(model, held)
+        features[sname] = [{k: row[k] for k in ("name", "shape", "between", "positional", "rho1")} for row in res.table]
         pairs: dict[tuple[str, str], dict] = {}
         for row in res.table:
             for target in TARGETS:
@@ -141,7 +143,8 @@ def main() -> int:
     rec = save_record("calibration_check", {
         "command": "python examples/calibration_check.py " + " ".join(sys.argv[1:]), "targets": list(TARGETS),
         "draws_per_batch": args.draws, "calibration_batches": 4, "held_out_batches": 4,
-        "summary": summary, "overall": overall, "pairs": points})
+        "summary": summary, "overall": overall, "pairs": points, "features": features,
+        "seconds": round(time.time() - t0, 1)})
     _plot(points)
     print(f"record: {rec}\nplot: {OUT / 'calibration_check.png'}")
     return 0

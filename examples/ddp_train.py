@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import SmallResNet, evaluate  # noqa: E402
+from _common import SmallResNet, evaluate, save_record  # noqa: E402
 
 import fxbns  # noqa: E402
 from fxbns.datasets import digits  # noqa: E402
@@ -68,6 +68,8 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--size", type=int, default=32, help="image size")
+    ap.add_argument("--record", default="ddp_train", help="name of the record rank 0 writes under examples/results "
+                    "(default ddp_train)")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
@@ -91,8 +93,15 @@ def main() -> int:
         ddp = train_ddp(model, data, epochs=args.epochs, batch=args.batch, lr=args.lr, seed=0, device=device)
         if rank == 0:
             acc, loss = evaluate(ddp.module, data[2].to(device), data[3].to(device))
+            seconds = time.time() - t0
             print(f"test accuracy {100 * acc:.2f}% (loss {loss:.3f}) after {args.epochs} epochs, "
-                  f"{time.time() - t0:.0f} s", flush=True)
+                  f"{seconds:.0f} s", flush=True)
+            rec = save_record(args.record, {
+                "command": f"torchrun --nproc-per-node {world} examples/ddp_train.py " + " ".join(sys.argv[1:]),
+                "backend": dist.get_backend(), "ranks": world, "policy": args.policy, "sync": not args.no_sync,
+                "batch_per_rank": args.batch, "epochs": args.epochs, "lr": args.lr, "size": args.size,
+                "test_acc": acc, "test_loss": loss, "train_seconds": round(seconds, 1)})
+            print(f"record: {rec}")
     finally:
         dist.destroy_process_group()
     return 0
