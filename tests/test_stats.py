@@ -10,7 +10,7 @@ from conftest import every_layer
 from torch import nn
 
 import fxbns
-from fxbns import BatchSampling, FeatureSampling
+from fxbns import BatchSampling, FeatureSampling, Policy
 from fxbns.datasets import photo_crops
 
 
@@ -934,3 +934,14 @@ class _NoStatsFunctional(nn.Module):
 def test_functional_call_without_running_statistics_is_a_site():
     (row,) = fxbns.calibrate(_NoStatsFunctional(), _shifted_batches()).table
     assert row["name"] == "batch_norm" and row["shape"] == [8, 4, 7, 7]
+
+
+def test_site_kinds_name_module_and_functional_sites():
+    """The result says which sites are modules (plain or sampled) and which are functional calls."""
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4))
+    gm = fxbns.transform(m, Policy.from_preset("bs").set_min_elements(0).set_module_name("3", None))
+    assert isinstance(gm[1], fxbns.SampledBatchNorm) and type(gm[3]) is nn.BatchNorm2d
+    r = fxbns.recalibrate(gm, _shifted_batches(), num_batches=3)
+    assert [(s.name, s.kind) for s in r.sites] == [("1", "module"), ("3", "module")]
+    r = fxbns.recalibrate(_Functional(), _shifted_batches(), num_batches=3)
+    assert [(s.name, s.kind) for s in r.sites] == [("batch_norm", "functional")]
