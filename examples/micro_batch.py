@@ -10,7 +10,7 @@ with the best validation accuracy is kept, and the test set is not looked at.  T
 for the same number of epochs (SGD with Nesterov momentum, one-cycle schedule, random shifts).  Writes
 examples/results/micro_batch.{json,png}.
 
-    python examples/micro_batch.py            # batch 1, 2, 4, 32; 5 rates; 3 seeds (about 30 minutes on 2 cores)
+    python examples/micro_batch.py            # batch 1, 2, 4, 32; 6 rates; 3 seeds (about 30 minutes on 2 cores)
     python examples/micro_batch.py --quick    # batch 2 and 32, 2 rates, 1 seed, fewer images: checks that it runs
 """
 
@@ -57,7 +57,7 @@ def main() -> int:
     ap.add_argument("--batches", default="1,2,4,32")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--rates", default="0.01,0.03,0.1,0.3,1.0",
+    ap.add_argument("--rates", default="0.003,0.01,0.03,0.1,0.3,1.0",
                     help="learning rates to sweep, at batch 32 (scaled linearly with the batch)")
     ap.add_argument("--val", type=int, default=300, help="training images held out for the sweep")
     ap.add_argument("--size", type=int, default=16)
