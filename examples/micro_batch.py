@@ -10,7 +10,7 @@ with the best validation accuracy is kept, and the test set is not looked at.  T
 for the same number of epochs (SGD with Nesterov momentum, one-cycle schedule, random shifts).  Writes
 examples/results/micro_batch.{json,png}.
 
-    python examples/micro_batch.py            # batch 1, 2, 4, 32; 6 rates; 3 seeds (about 30 minutes on 2 cores)
+    python examples/micro_batch.py            # batch 1, 2, 4, 32; 6 rates; 3 seeds (about 20 minutes on 2 idle cores)
     python examples/micro_batch.py --quick    # batch 2 and 32, 2 rates, 1 seed, fewer images: checks that it runs
 """
 
