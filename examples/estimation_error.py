@@ -15,6 +15,7 @@ autocorrelation of the features predicts it for a contiguous patch.  Writes exam
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -98,7 +99,12 @@ def patch_n_eff(rho: list[float], share: float, side: int, n_rows: int) -> float
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--draws", type=int, default=200)
+    ap.add_argument("--plot-only", action="store_true", help="redraw the plot from the existing record")
     args = ap.parse_args()
+    if args.plot_only:
+        _plot(json.loads((OUT / "estimation_error.json").read_text())["results"])
+        print(f"plot: {OUT / 'estimation_error.png'}")
+        return 0
     feat = features()
     rho, share = within_image(feat)
     results = {}
@@ -139,9 +145,14 @@ def _plot(results) -> None:
         axes[1].plot(ns, [results[p][name]["var_rel_err"] for p in pts], marker="o", label=name)
     ns = [results[p]["patch, shared offset"]["n"] for p in pts]
     axes[0].plot(ns, [results[p]["patch, shared offset"]["iid_mean_rel_err"] for p in pts], "k--", label="iid values (expected error)")
+    from matplotlib.ticker import NullFormatter, NullLocator
+
     for ax, t in zip(axes, ["mean: |error| / sigma", "variance: |error| / var"]):
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.xaxis.set_minor_locator(NullLocator())  # one label per measured n, none in between
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xticks(sorted(set(ns)), [str(n) for n in sorted(set(ns))])
         ax.set_xlabel("sampled elements per channel (n)")
         ax.set_title(t)
     axes[0].legend(fontsize=8)

@@ -143,7 +143,7 @@ def _plot(results) -> None:
     ax.set_xticks(range(len(bs)), bs)
     ax.set_xlabel("batch size")
     ax.set_ylabel("test accuracy (%), mean and range of seeds")
-    ax.set_title("micro-batch training, small ResNet on digits, each at its best rate")
+    ax.set_title("small ResNet on digits, each at its best learning rate")
     ax.legend()
     fig.tight_layout()
     OUT.mkdir(exist_ok=True)
