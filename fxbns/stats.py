@@ -219,12 +219,12 @@ class _Capture(TorchFunctionMode):
                 frame = self._frame_of(rm)
                 if frame is not None:
                     frame.done = True
-                    self.consume(frame.site, x[:self._n_real(None, x, None)])
+                    site = frame.site
                 elif self.frames:
                     return func(*args, **kwargs)  # a plain module's own arithmetic on other tensors
                 else:
                     site = self._functional_site(rm, rv, func)
-                    self.consume(site, x[:self._n_real(None, x, None)])
+                self.consume(site, x[:self._n_real(None, x, None)])
                 if rm is not None:  # keep the running statistics as they are during the pass
                     a["momentum"] = 0.0
                     if func is F.batch_norm:

@@ -102,9 +102,9 @@ def bench_layers(args, device) -> list[dict]:
     rows = []
     dtypes = [torch.float32, torch.bfloat16]
     for shape in shapes:
-        for name, base in SPECS.items():
+        for name in SPECS:
             for sb in (False, True):
-                spec = type(base)(**{**base.__dict__, "sample_backward": sb})
+                spec = _spec(name, sb)
                 for dtype in dtypes:
                     for cl in (False, True):
                         if dtype != torch.float32 and device.type == "cpu":
@@ -122,11 +122,23 @@ def bench_layers(args, device) -> list[dict]:
     return rows
 
 
-def _time_layer(spec, shape, dtype, cl, device, timer, args) -> dict:
+def _spec(name: str, sample_backward: bool):
+    """The estimator ``SPECS[name]`` with ``sample_backward`` set."""
+    base = SPECS[name]
+    return type(base)(**{**base.__dict__, "sample_backward": sample_backward})
+
+
+def _layer_inputs(shape, dtype, cl, device, n: int):
+    """``n`` inputs (each shifted a little, so none is constant) and output gradients of one layer."""
     fmt = torch.channels_last if cl else torch.contiguous_format
     xs = [(torch.randn(shape, device=device) + 0.1 * i).to(dtype).contiguous(memory_format=fmt).requires_grad_()
-          for i in range(3)]
-    dys = [torch.randn(shape, device=device).to(dtype).contiguous(memory_format=fmt) for _ in range(3)]
+          for i in range(n)]
+    dys = [torch.randn(shape, device=device).to(dtype).contiguous(memory_format=fmt) for _ in range(n)]
+    return xs, dys
+
+
+def _time_layer(spec, shape, dtype, cl, device, timer, args) -> dict:
+    xs, dys = _layer_inputs(shape, dtype, cl, device, 3)
     native = nn.BatchNorm2d(shape[1]).to(device)
     sampled = SampledBatchNorm.from_batchnorm(copy.deepcopy(native), spec)
 
@@ -219,10 +231,11 @@ def _profile(fn, device, steps: int = 3) -> list[dict]:
         if device.type == "cuda":
             torch.cuda.synchronize()
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    rows = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0.0), reverse=True)[:PROFILE_TOP]
+    events = prof.key_averages()
+    total = max(sum(getattr(e, key, 0.0) for e in events), 1e-9)
+    rows = sorted(events, key=lambda e: getattr(e, key, 0.0), reverse=True)[:PROFILE_TOP]
     return [{"op": e.key, "calls": e.count, "self_us_per_call": getattr(e, key, 0.0) / max(e.count, 1),
-             "share": getattr(e, key, 0.0) / max(sum(getattr(r, key, 0.0) for r in prof.key_averages()), 1e-9)}
-            for e in rows]
+             "share": getattr(e, key, 0.0) / total} for e in rows]
 
 
 def check_targets(record: dict, device, args) -> list[dict]:
@@ -239,10 +252,8 @@ def check_targets(record: dict, device, args) -> list[dict]:
              "met": med >= TARGETS[what]}
         if not t["met"]:
             worst = min(rows, key=lambda r: r["speedup"])
-            base = SPECS[est]
-            spec = type(base)(**{**base.__dict__, "sample_backward": sb})
             t["profiled_shape"] = worst["shape"]
-            t["profile"] = _profile(_layer_step(spec, tuple(worst["shape"]), getattr(torch, dtype),
+            t["profile"] = _profile(_layer_step(_spec(est, sb), tuple(worst["shape"]), getattr(torch, dtype),
                                                 layout == "channels_last", device), device)
         out.append(t)
     for r in record.get("steps", []):
@@ -260,9 +271,7 @@ def check_targets(record: dict, device, args) -> list[dict]:
 
 
 def _layer_step(spec, shape, dtype, cl, device):
-    fmt = torch.channels_last if cl else torch.contiguous_format
-    x = torch.randn(shape, device=device).to(dtype).contiguous(memory_format=fmt).requires_grad_()
-    dy = torch.randn(shape, device=device).to(dtype).contiguous(memory_format=fmt)
+    (x,), (dy,) = _layer_inputs(shape, dtype, cl, device, 1)
     sampled = SampledBatchNorm.from_batchnorm(nn.BatchNorm2d(shape[1]).to(device), spec)
     return lambda: sampled(x).backward(dy)
 
