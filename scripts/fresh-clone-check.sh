@@ -2,8 +2,9 @@
 # The README's two set-up commands on a fresh clone of this repository's HEAD, as a new user runs them:
 # `bash scripts/demo.sh` (which creates .venv), then `bash .ci/run` (the test suite, what CI runs) in the same clone.
 # `../shared` is linked beside the clone when this checkout has one, as CI has it. Writes the timings, the exit
-# codes and pytest's summary line to examples/results/fresh_clone.json (or the path given as $1), and keeps the
-# logs in the printed folder. Takes about as long as the suite plus the demo (15-20 min on 2 cores).
+# codes and pytest's summary line to examples/results/fresh_clone.json (or the path given as $1), keeps the logs
+# in the printed folder and removes the clone (its .venv takes a few GB). Takes about as long as the suite plus
+# the demo (15-20 min on 2 cores).
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 out="${1:-$root/examples/results/fresh_clone.json}"
@@ -35,5 +36,6 @@ with open(out, "w") as f:
     f.write(json.dumps(rec, indent=2) + "\n")
 print(json.dumps(rec, indent=2))
 EOF
+cd "$work" && rm -rf "$work/fxbns"
 echo "logs: $work/demo.log $work/ci.log"
 [ "$demo_rc" -eq 0 ] && [ "$ci_rc" -eq 0 ]
